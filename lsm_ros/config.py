@@ -1,0 +1,155 @@
+"""The one typed configuration of lsm_ros.
+
+Every field of :class:`PipelineConfig` and :class:`NodeConfig` is also a ROS parameter of ``lsm_node`` with the
+same name, type, description and range (``lsm_ros.ros.params`` mirrors them 1:1; ``config/lsm.yaml`` lists
+them). This module has no ROS imports: the pipeline and the CLI use it as plain dataclasses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+RESOLUTIONS = (224, 256, 512)
+DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """Description of one configuration field, as a ROS parameter descriptor needs it."""
+
+    name: str
+    default: Any
+    type: type
+    description: str
+    min_value: float | None = None
+    max_value: float | None = None
+    choices: tuple[Any, ...] | None = None
+    read_only: bool = False
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` converted to this field's type, or raise ValueError saying why it is refused."""
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f'{self.name}: expected a bool, got {value!r}')
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f'{self.name}: expected an integer, got {value!r}')
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f'{self.name}: expected a number, got {value!r}')
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f'{self.name}: must be finite, got {value!r}')
+        elif self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f'{self.name}: expected a string, got {value!r}')
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f'{self.name}: {value!r} is not one of {list(self.choices)}')
+        if self.min_value is not None and value < self.min_value:
+            raise ValueError(f'{self.name}: {value!r} is below the minimum {self.min_value}')
+        if self.max_value is not None and value > self.max_value:
+            raise ValueError(f'{self.name}: {value!r} is above the maximum {self.max_value}')
+        return value
+
+
+def _param(default: Any, description: str, *, min_value: float | None = None, max_value: float | None = None,
+           choices: Sequence[Any] | None = None, read_only: bool = False) -> Any:
+    meta = dict(description=description, min_value=min_value, max_value=max_value,
+                choices=tuple(choices) if choices is not None else None, read_only=read_only)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PipelineConfig:
+    """Model files, device and camera recovery: everything the framework-free pipeline needs."""
+
+    dust3r_checkpoint: str = _param(
+        '', 'Path of the official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (DUSt3R file format). Empty: the '
+        'DUSt3R file named inside lsm_checkpoint, else random weights (untrained outputs).', read_only=True)
+    lseg_checkpoint: str = _param(
+        '', 'Path of the official LSeg demo_e200.ckpt (used by the semantic stages).', read_only=True)
+    lsm_checkpoint: str = _param(
+        '', 'Path of the official LSM checkpoint-final.pth (used by the semantic stages).', read_only=True)
+    device: str = _param('auto', f'Torch device: {DEVICES_HELP}.', read_only=True)
+    resolution: int = _param(
+        256, 'Model input resolution: 224 or 256 (short side, centre square crop) or 512 (long side, '
+        'multiples of 16), as in the official demo.', choices=RESOLUTIONS, read_only=True)
+    min_confidence: float = _param(
+        1.0, 'Points and depth pixels with a DUSt3R confidence below this are dropped (NaN in depth). '
+        'Confidence is 1 + exp(c) >= 1, so 1.0 keeps everything.', min_value=1.0, max_value=1.0e6)
+    pose_reprojection_error_px: float = _param(
+        5.0, 'PnP-RANSAC inlier threshold (pixels at model resolution) for the relative pose.',
+        min_value=0.1, max_value=100.0)
+    pose_ransac_iterations: int = _param(
+        100, 'PnP-RANSAC iterations for the relative pose.', min_value=1, max_value=100000)
+    pose_max_points: int = _param(
+        8192, 'At most this many confident pixels (chosen deterministically) enter PnP-RANSAC.',
+        min_value=16, max_value=1 << 20)
+
+
+@dataclass
+class NodeConfig:
+    """Topics, synchronisation and publishing of ``lsm_node``."""
+
+    approximate_sync: bool = _param(
+        True, 'Pair left/right images whose stamps differ by at most sync_tolerance_s (false: equal stamps '
+        'only, as from a hardware-synchronised stereo camera).')
+    sync_tolerance_s: float = _param(
+        0.02, 'Largest left/right stamp difference (seconds) paired when approximate_sync is true.',
+        min_value=0.0, max_value=10.0)
+    sync_queue_size: int = _param(
+        10, 'Images kept per side while waiting for their partner.', min_value=1, max_value=1000)
+    use_camera_info: bool = _param(
+        True, 'Use left/camera_info and right/camera_info: real intrinsics, and metric scale from a calibrated '
+        'stereo baseline (right P[0,3] = -fx*B). A pair without matching CameraInfo is then rejected. '
+        'false: intrinsics are estimated from the point maps and the scale is the model\'s.')
+    camera_info_tolerance_s: float = _param(
+        0.5, 'Largest stamp difference (seconds) between an image and the CameraInfo used for it.',
+        min_value=0.0, max_value=3600.0)
+    max_input_age_s: float = _param(
+        0.0, 'Reject pairs whose stamp is older than this (seconds, node clock); 0 disables the check. Pairs '
+        'not newer than the last processed pair are always rejected.', min_value=0.0, max_value=3600.0)
+    publish_tf: bool = _param(
+        False, 'Also broadcast the estimated pose of the right camera in the left camera frame on /tf.')
+    left_frame_id: str = _param(
+        '', "Frame of all products (the left camera's optical frame). Empty: the left image's header.frame_id.")
+    right_frame_id: str = _param(
+        '', "Child frame of the relative pose and /tf. Empty: the right image's header.frame_id.")
+    point_stride: int = _param(
+        1, 'Publish every n-th pixel (in rows and columns) of each view in ~/points.', min_value=1, max_value=64)
+    log_throttle_s: float = _param(
+        5.0, 'Repeated warnings about bad input are logged at most once per this many seconds.',
+        min_value=0.0, max_value=3600.0)
+
+
+CONFIG_SECTIONS = (PipelineConfig, NodeConfig)
+
+
+def parameter_specs(config_cls: type) -> list[ParameterSpec]:
+    """The :class:`ParameterSpec` of every field of a config dataclass, in declaration order."""
+    specs = []
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        specs.append(ParameterSpec(
+            name=f.name, default=f.default, type=type(f.default), description=meta['description'],
+            min_value=meta['min_value'], max_value=meta['max_value'], choices=meta['choices'],
+            read_only=meta['read_only']))
+    return specs
+
+
+def all_parameter_specs() -> Iterator[ParameterSpec]:
+    """Every ROS parameter of ``lsm_node``: the pipeline's fields, then the node's."""
+    for cls in CONFIG_SECTIONS:
+        yield from parameter_specs(cls)
+
+
+def config_from_mapping(config_cls: type, values: Mapping[str, Any], *, strict: bool = True) -> Any:
+    """Build ``config_cls`` from a flat mapping, validating every value (unknown keys: ValueError if strict)."""
+    specs = {s.name: s for s in parameter_specs(config_cls)}
+    unknown = sorted(set(values) - set(specs))
+    if unknown and strict:
+        raise ValueError(f'unknown {config_cls.__name__} fields: {unknown}; known: {sorted(specs)}')
+    kwargs = {name: specs[name].validate(value) for name, value in values.items() if name in specs}
+    return config_cls(**kwargs)

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Set up lsm_ros on a machine with no ROS installation: a virtual environment (.venv/ at the repository
+# root) with the ROS 2 Kilted wheels, pinned CPU torch and the ML stack, tf2_msgs and this package's own
+# interfaces generated with cmake, and the package installed (console commands lsm-ros and lsm_node).
+#
+# Idempotent: each step records a stamp (the hash of its inputs) in .venv/.lsm_ros_setup/ and is skipped
+# when its inputs did not change. Prints what it does.
+#
+# usage: scripts/setup_env.sh            (or: make setup)
+# env:   PYTHON (default python3.11, else python3), VENV (default .venv), JOBS (default nproc)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+JOBS=${JOBS:-$(nproc)}
+STAMPS=$VENV/.lsm_ros_setup
+BUILD=$ROOT/build/setup
+say() { printf '[setup] %s\n' "$*"; }
+
+stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+stamp_set() { mkdir -p "$STAMPS"; printf '%s' "$2" >"$STAMPS/$1"; }
+hash_of() { { cat "$@" 2>/dev/null || true; } | sha256sum | cut -c1-16; }
+
+# ------------------------------------------------------------------------------------------------ venv
+if [ ! -x "$VENV/bin/python" ]; then
+  PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+  say "creating virtual environment $VENV with $("$PY" --version 2>&1)"
+  "$PY" -m venv "$VENV"
+else
+  say "virtual environment $VENV exists"
+fi
+VPY=$VENV/bin/python
+"$VPY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "ROS 2 Kilted wheels need Python 3.11, got %s" % sys.version' \
+  || { echo "[setup] error: the ROS 2 Kilted wheels are built for CPython 3.11; set PYTHON=python3.11" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ wheels
+ROS_WHEELS=(
+  'ros-kilted-rclpy[fastrtps]' ros-kilted-builtin-interfaces ros-kilted-std-msgs ros-kilted-geometry-msgs
+  ros-kilted-sensor-msgs ros-kilted-std-srvs ros-kilted-diagnostic-msgs ros-kilted-lifecycle-msgs
+  ros-kilted-rosidl-default-generators ros-kilted-rosidl-core-generators ros-kilted-ament-cmake
+  ros-kilted-ament-cmake-python ros-kilted-ament-cmake-include-directories ros-kilted-ament-cmake-ros-core
+  ros-kilted-ament-package catkin-pkg
+)
+WHEEL_KEY=$(printf '%s\n' "${ROS_WHEELS[@]}" | cat - "$ROOT/requirements.txt" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)
+if stamp_ok wheels "$WHEEL_KEY"; then
+  say "python packages up to date"
+else
+  say "installing pinned python packages (torch 2.13.0 CPU, torchvision, timm, open_clip, gsplat, ...)"
+  "$VPY" -m pip install -q --upgrade pip 'setuptools>=68' wheel
+  "$VPY" -m pip install -q -c "$ROOT/constraints.txt" -r "$ROOT/requirements.txt"
+  say "installing ROS 2 Kilted wheels (rclpy, Fast DDS, message packages, rosidl generators)"
+  "$VPY" -m pip install -q -c "$ROOT/constraints.txt" "${ROS_WHEELS[@]}"
+  stamp_set wheels "$WHEEL_KEY"
+fi
+
+# The wheels' exported CMake files name the wheel builder's interpreter paths; point them at ours.
+PYINC=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+NPINC=$("$VPY" -c 'import numpy; print(numpy.get_include())')
+[ -f "$PYINC/Python.h" ] || { echo "[setup] error: Python.h missing in $PYINC (install python3.11-dev)" >&2; exit 1; }
+fixed=$({ grep -rl '/opt/python/cp311-cp311' "$VENV/share" --include='*.cmake' 2>/dev/null || true; } | wc -l)
+if [ "$fixed" -gt 0 ]; then
+  say "re-pointing $fixed exported CMake files of the ROS wheels at this interpreter's headers"
+  { grep -rl '/opt/python/cp311-cp311' "$VENV/share" --include='*.cmake' || true; } | xargs -r sed -i \
+    -e "s#/opt/python/cp311-cp311/include/python3.11#$PYINC#g" \
+    -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$NPINC#g"
+fi
+
+# ------------------------------------------------------------------------------------------------ interfaces
+export AMENT_PREFIX_PATH="$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export CMAKE_PREFIX_PATH="$VENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+build_interfaces() {  # name src_dir [extra cmake args...]
+  local name=$1 src=$2; shift 2
+  local bdir=$BUILD/$name
+  mkdir -p "$bdir"
+  say "generating ROS interfaces of $name with cmake (log: $bdir/*.log)"
+  cmake -S "$src" -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DCMAKE_INSTALL_PREFIX="$VENV" \
+    -DPython3_EXECUTABLE="$VPY" "$@" >"$bdir/configure.log" 2>&1 || { tail -40 "$bdir/configure.log"; exit 1; }
+  cmake --build "$bdir" -j "$JOBS" >"$bdir/build.log" 2>&1 || { tail -40 "$bdir/build.log"; exit 1; }
+  cmake --install "$bdir" >"$bdir/install.log" 2>&1 || { tail -40 "$bdir/install.log"; exit 1; }
+}
+
+# tf2_msgs: not on PyPI. Generated from its message definition (same text as upstream, so same type hash).
+TF2_SRC=$BUILD/src/tf2_msgs
+mkdir -p "$TF2_SRC/msg"
+cat >"$TF2_SRC/msg/TFMessage.msg" <<'EOF'
+geometry_msgs/TransformStamped[] transforms
+EOF
+cat >"$TF2_SRC/package.xml" <<'EOF'
+<?xml version="1.0"?>
+<package format="3">
+  <name>tf2_msgs</name>
+  <version>0.0.0</version>
+  <description>tf2_msgs/TFMessage, generated locally for pip-only ROS 2 environments.</description>
+  <maintainer email="lsm_ros@example.org">lsm_ros</maintainer>
+  <license>BSD-3-Clause</license>
+  <buildtool_depend>ament_cmake</buildtool_depend>
+  <buildtool_depend>rosidl_default_generators</buildtool_depend>
+  <depend>geometry_msgs</depend>
+  <member_of_group>rosidl_interface_packages</member_of_group>
+  <export><build_type>ament_cmake</build_type></export>
+</package>
+EOF
+cat >"$TF2_SRC/CMakeLists.txt" <<'EOF'
+cmake_minimum_required(VERSION 3.8)
+project(tf2_msgs)
+find_package(ament_cmake REQUIRED)
+find_package(rosidl_default_generators REQUIRED)
+find_package(geometry_msgs REQUIRED)
+rosidl_generate_interfaces(${PROJECT_NAME} "msg/TFMessage.msg" DEPENDENCIES geometry_msgs)
+ament_export_dependencies(rosidl_default_runtime)
+ament_package()
+EOF
+TF2_KEY=$(hash_of "$TF2_SRC/msg/TFMessage.msg" "$TF2_SRC/CMakeLists.txt" "$STAMPS/wheels")
+if stamp_ok tf2_msgs "$TF2_KEY" && "$VPY" -c 'import tf2_msgs.msg' 2>/dev/null; then
+  say "tf2_msgs up to date"
+else
+  build_interfaces tf2_msgs "$TF2_SRC"
+  stamp_set tf2_msgs "$TF2_KEY"
+fi
+
+# This package's own msg/ and srv/ (the same CMakeLists.txt that colcon uses on a ROS workstation; here
+# only the interfaces are built and the Python package is installed by pip below).
+LSM_KEY=$(hash_of "$ROOT"/msg/*.msg "$ROOT"/srv/*.srv "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$STAMPS/tf2_msgs")
+if stamp_ok lsm_ros_interfaces "$LSM_KEY" && "$VPY" -c 'import lsm_ros.msg' 2>/dev/null; then
+  say "lsm_ros interfaces up to date"
+else
+  build_interfaces lsm_ros "$ROOT" -DLSM_ROS_INTERFACES_ONLY=ON
+  # rosidl may write an empty lsm_ros/__init__.py into site-packages; drop it so that the source package
+  # (installed editable below) stays the package and finds the generated lsm_ros.msg through its __path__.
+  # rosidl also writes an egg-info that pip would take for an installed "lsm_ros" distribution (and delete
+  # the generated files with it when installing the package): keep only the generated modules.
+  SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -f "$SITE/lsm_ros/__init__.py" ] && [ ! -s "$SITE/lsm_ros/__init__.py" ]; then rm -f "$SITE/lsm_ros/__init__.py"; fi
+  rm -rf "$SITE"/lsm_ros-*.egg-info
+  stamp_set lsm_ros_interfaces "$LSM_KEY"
+fi
+
+# ------------------------------------------------------------------------------------------------ package
+PKG_KEY=$(hash_of "$ROOT/setup.py" "$ROOT/setup.cfg")
+if stamp_ok package "$PKG_KEY" && [ -x "$VENV/bin/lsm-ros" ] && [ -x "$VENV/bin/lsm_node" ]; then
+  say "lsm_ros package installed (editable)"
+else
+  say "installing lsm_ros (editable) with the console commands lsm-ros and lsm_node"
+  "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
+  stamp_set package "$PKG_KEY"
+fi
+
+# ------------------------------------------------------------------------------------------------ check
+say "checking imports"
+"$VPY" - <<'EOF'
+import lsm_ros.compat  # noqa: F401  (torchvision on CPU torch)
+import torch, timm, open_clip, rclpy, sensor_msgs.msg, tf2_msgs.msg, lsm_ros.msg  # noqa: F401
+print(f'[setup] ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), timm {timm.__version__}, '
+      f'open_clip {open_clip.__version__}, rclpy, tf2_msgs, lsm_ros.msg')
+EOF
+say "done: activate with 'source .venv/bin/activate', or use 'make demo' / 'make test'"
