@@ -30,6 +30,8 @@ else
   say "virtual environment $VENV exists"
 fi
 VPY=$VENV/bin/python
+# pip, quiet, without the warnings some pip configurations print for every unused extra index
+pip_quiet() { "$VPY" -m pip -q "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 "$VPY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "ROS 2 Kilted wheels need Python 3.11, got %s" % sys.version' \
   || { echo "[setup] error: the ROS 2 Kilted wheels are built for CPython 3.11; set PYTHON=python3.11" >&2; exit 1; }
 
@@ -46,10 +48,10 @@ if stamp_ok wheels "$WHEEL_KEY"; then
   say "python packages up to date"
 else
   say "installing pinned python packages (torch 2.13.0 CPU, torchvision, timm, open_clip, gsplat, ...)"
-  "$VPY" -m pip install -q --upgrade pip 'setuptools>=68' wheel
-  "$VPY" -m pip install -q -c "$ROOT/constraints.txt" -r "$ROOT/requirements.txt"
+  pip_quiet install --upgrade pip 'setuptools>=68' wheel
+  pip_quiet install -c "$ROOT/constraints.txt" -r "$ROOT/requirements.txt"
   say "installing ROS 2 Kilted wheels (rclpy, Fast DDS, message packages, rosidl generators)"
-  "$VPY" -m pip install -q -c "$ROOT/constraints.txt" "${ROS_WHEELS[@]}"
+  pip_quiet install -c "$ROOT/constraints.txt" "${ROS_WHEELS[@]}"
   stamp_set wheels "$WHEEL_KEY"
 fi
 

@@ -1,0 +1,112 @@
+"""Deterministic reference weights in the official checkpoint layouts (UNTRAINED).
+
+The official checkpoints cannot be redistributed. The parity reference of this project
+(``shared/reference/lsm_vitl_256``: outputs of the official code run with known weights) defines its weights by
+a documented rule, ``lsmref-v1``, from a state-dict manifest: every tensor is a function of its name in the LSM
+checkpoint and a base seed. This module implements that rule, so tests and the demo can run the real network
+at the real size, loaded through the same code paths as the official files. These weights are not trained:
+outputs made with them are not real reconstructions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm import tqdm
+
+_log = logging.getLogger(__name__)
+
+WEIGHT_RULE = 'lsmref-v1'
+DUST3R_PREFIX = 'dust3r.dust3r.'
+REFERENCE_NAME = 'lsm_vitl_256'
+
+
+def find_reference_dir() -> Path | None:
+    """The reference folder: ``$LSM_ROS_REFERENCE``, else ``<repo>/../shared/reference/lsm_vitl_256``."""
+    candidates = []
+    if os.environ.get('LSM_ROS_REFERENCE'):
+        candidates.append(Path(os.environ['LSM_ROS_REFERENCE']))
+    if os.environ.get('LSM_ROS_SHARED'):
+        candidates.append(Path(os.environ['LSM_ROS_SHARED']) / 'reference' / REFERENCE_NAME)
+    candidates.append(Path(__file__).resolve().parents[2] / 'shared' / 'reference' / REFERENCE_NAME)
+    for path in candidates:
+        if (path / 'manifest.tsv').is_file() and (path / 'config.json').is_file():
+            return path
+    return None
+
+
+def reference_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, base_seed: int,
+                     gain: float | None = None) -> torch.Tensor:
+    """Rule lsmref-v1: the tensor of state-dict entry ``name`` (its key in the LSM checkpoint)."""
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed((zlib.crc32(name.encode()) ^ base_seed) & 0x7FFFFFFF)
+    normal = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if name.endswith('running_var'):
+        value = 1.0 + 0.1 * normal.abs()
+    elif name.endswith('running_mean'):
+        value = 0.1 * normal
+    elif len(shape) == 0:
+        value = normal
+    elif len(shape) == 1:
+        value = (1.0 + 0.1 * normal) if name.endswith('weight') else 0.02 * normal
+    else:
+        value = normal / (normal.numel() / shape[0]) ** 0.5
+    if gain is not None and gain != 1.0:
+        value = value * gain
+    return value.to(dtype)
+
+
+def read_manifest(reference_dir: Path) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """Rows (name, shape, dtype name, alias_of or '') of ``manifest.tsv``, in state-dict order."""
+    rows = []
+    with open(reference_dir / 'manifest.tsv') as f:
+        header = f.readline().rstrip('\n').split('\t')
+        if header[:3] != ['name', 'shape', 'dtype']:
+            raise ValueError(f'{reference_dir}/manifest.tsv: unexpected header {header}')
+        for line in f:
+            cols = line.rstrip('\n').split('\t')
+            if cols[0]:
+                rows.append((cols[0], tuple(json.loads(cols[1])), cols[2], cols[3] if len(cols) > 3 else ''))
+    return rows
+
+
+def generate_reference_state_dict(reference_dir: Path, prefixes: Iterable[str] = ('',),
+                                  progress: bool = True) -> 'OrderedDict[str, torch.Tensor]':
+    """The LSM checkpoint's state dict entries whose names start with one of ``prefixes`` (LSM key names)."""
+    config = json.loads((reference_dir / 'config.json').read_text())
+    if config.get('weight_rule') != WEIGHT_RULE:
+        raise ValueError(f'{reference_dir}: weight rule {config.get("weight_rule")!r}, expected {WEIGHT_RULE}')
+    base_seed = int(config['base_seed'])
+    gains = config.get('weight_rule_gains', {})
+    prefixes = tuple(prefixes)
+    rows = [r for r in read_manifest(reference_dir) if r[0].startswith(prefixes)]
+    state = OrderedDict()
+    for name, shape, dtype_name, alias_of in tqdm(rows, desc='reference weights', unit='tensor',
+                                                  disable=not progress, leave=False):
+        if alias_of:  # the same parameter registered under a second name
+            state[name] = state[alias_of] if alias_of in state else reference_tensor(
+                alias_of, shape, getattr(torch, dtype_name), base_seed, gains.get(alias_of))
+        else:
+            state[name] = reference_tensor(name, shape, getattr(torch, dtype_name), base_seed, gains.get(name))
+    return state
+
+
+def reference_dust3r_checkpoint(reference_dir: Path | None = None, progress: bool = True) -> dict:
+    """The reference DUSt3R weights as the official DUSt3R file holds them:
+    ``{'args': Namespace(model=<constructor string>), 'model': state_dict without the 'dust3r.dust3r.' prefix}``."""
+    reference_dir = reference_dir or find_reference_dir()
+    if reference_dir is None:
+        raise FileNotFoundError('reference folder not found (../shared/reference/lsm_vitl_256 or $LSM_ROS_REFERENCE)')
+    config = json.loads((reference_dir / 'config.json').read_text())
+    _log.info('generating the reference DUSt3R weights (rule %s, untrained) from %s', WEIGHT_RULE, reference_dir)
+    state = generate_reference_state_dict(reference_dir, (DUST3R_PREFIX,), progress=progress)
+    model = OrderedDict((k[len(DUST3R_PREFIX):], v) for k, v in state.items())
+    return {'args': argparse.Namespace(model=config['dust3r_model']), 'model': model}
