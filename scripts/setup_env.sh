@@ -143,7 +143,9 @@ if stamp_ok package "$PKG_KEY" && [ -x "$VENV/bin/lsm-ros" ] && [ -x "$VENV/bin/
   say "lsm_ros package installed (editable)"
 else
   say "installing lsm_ros (editable) with the console commands lsm-ros and lsm_node"
-  "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
+  mkdir -p "$BUILD"
+  "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat \
+    >"$BUILD/pip_install_package.log" 2>&1 || { tail -40 "$BUILD/pip_install_package.log"; exit 1; }
   stamp_set package "$PKG_KEY"
 fi
 

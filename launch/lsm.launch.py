@@ -1,0 +1,87 @@
+"""Launch lsm_node on a rectified stereo camera (and optionally RViz2).
+
+    ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=/path/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth \
+        left_image:=/stereo/left/image_rect right_image:=/stereo/right/image_rect use_rviz:=true
+
+The node runs in ``namespace`` (default ``lsm``): its products are ``/lsm/lsm_node/{points, left/depth,
+right/depth, left/camera_info, right/camera_info, relative_pose, info}``. Parameters come from ``params_file``
+(default: the package's config/lsm.yaml); the arguments device, *_checkpoint and publish_tf override it only
+when they are not empty.
+
+Network: the node keeps the environment's ROS settings; with ROS_AUTOMATIC_DISCOVERY_RANGE unset it stays on
+localhost (export ROS_AUTOMATIC_DISCOVERY_RANGE=SUBNET to reach other machines).
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+PACKAGE = 'lsm_ros'
+# lsm_node input (relative name) -> launch argument holding the topic it is remapped to, and its default.
+INPUT_REMAPS = (
+    ('left/image_rect', 'left_image', '/stereo/left/image_rect'),
+    ('right/image_rect', 'right_image', '/stereo/right/image_rect'),
+    ('left/camera_info', 'left_info', '/stereo/left/camera_info'),
+    ('right/camera_info', 'right_info', '/stereo/right/camera_info'),
+)
+# Launch arguments that override node parameters of the params file when not empty.
+STRING_OVERRIDES = ('device', 'dust3r_checkpoint', 'lseg_checkpoint', 'lsm_checkpoint')
+BOOL_OVERRIDES = ('publish_tf',)
+_TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+
+
+def _as_bool(name, value):
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f'launch argument {name}:={value!r} is not a boolean (true/false)')
+
+
+def _launch_setup(context, *args, **kwargs):
+    """The nodes, with the launch arguments' values (empty override arguments leave the params file alone)."""
+    def value(name):
+        return LaunchConfiguration(name).perform(context)
+
+    overrides = {name: value(name) for name in STRING_OVERRIDES if value(name)}
+    overrides.update({name: _as_bool(name, value(name)) for name in BOOL_OVERRIDES if value(name)})
+    parameters = [value('params_file')] + ([overrides] if overrides else [])
+    lsm_node = Node(
+        package=PACKAGE, executable='lsm_node', name='lsm_node', namespace=value('namespace'), output='screen',
+        parameters=parameters,
+        remappings=[(node_topic, value(argument)) for node_topic, argument, _ in INPUT_REMAPS])
+    actions = [lsm_node]
+    if _as_bool('use_rviz', value('use_rviz')):
+        rviz_config = os.path.join(get_package_share_directory(PACKAGE), 'config', 'lsm.rviz')
+        actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
+                            arguments=['-d', rviz_config]))
+    return actions
+
+
+def generate_launch_description():
+    share = get_package_share_directory(PACKAGE)
+    arguments = [
+        DeclareLaunchArgument('namespace', default_value='lsm',
+                              description='namespace of lsm_node (products: /<namespace>/lsm_node/...)'),
+        DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config', 'lsm.yaml'),
+                              description='YAML file with the lsm_node parameters'),
+        DeclareLaunchArgument('device', default_value='',
+                              description="torch device: auto, cpu, cuda or cuda:N (empty: params_file's)"),
+        DeclareLaunchArgument('dust3r_checkpoint', default_value='',
+                              description="DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (empty: params_file's)"),
+        DeclareLaunchArgument('lseg_checkpoint', default_value='',
+                              description="LSeg demo_e200.ckpt (empty: params_file's)"),
+        DeclareLaunchArgument('lsm_checkpoint', default_value='',
+                              description="LSM checkpoint-final.pth (empty: params_file's)"),
+        DeclareLaunchArgument('publish_tf', default_value='',
+                              description="true/false: broadcast left -> right camera on /tf (empty: params_file's)"),
+        DeclareLaunchArgument('use_rviz', default_value='false', description='also start RViz2 with config/lsm.rviz'),
+    ]
+    arguments += [DeclareLaunchArgument(argument, default_value=default,
+                                        description=f'topic remapped to lsm_node input {node_topic}')
+                  for node_topic, argument, default in INPUT_REMAPS]
+    return LaunchDescription(arguments + [OpaqueFunction(function=_launch_setup)])

@@ -1,0 +1,300 @@
+"""numpy <-> ROS message conversions (no cv_bridge, no sensor_msgs_py): images, camera infos, clouds, poses.
+
+Conventions: images are row-major (H, W[, C]); 3-D quantities are in REP 103 optical frames (x right,
+y down, z forward); 4x4 poses ``T_a_b`` map points of frame b into frame a; quaternions are ROS (x, y, z, w).
+Every conversion is vectorised (a 131k-point cloud takes a few milliseconds).
+"""
+from __future__ import annotations
+
+import array
+import sys
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Pose, PoseStamped, Quaternion, Transform, TransformStamped, Vector3
+from geometry_msgs.msg import Point as PointMsg
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import CameraInfo, Image, PointField, PointCloud2
+from std_msgs.msg import Header
+
+# 8-bit colour encodings accepted from cameras: name -> (channels, indices of R, G, B in a pixel).
+COLOR_ENCODINGS: dict[str, tuple[int, tuple[int, int, int]]] = {
+    'rgb8': (3, (0, 1, 2)),
+    'bgr8': (3, (2, 1, 0)),
+    'rgba8': (4, (0, 1, 2)),
+    'bgra8': (4, (2, 1, 0)),
+    'mono8': (1, (0, 0, 0)),
+}
+SUPPORTED_IMAGE_ENCODINGS: tuple[str, ...] = tuple(COLOR_ENCODINGS)
+DEPTH_ENCODING = '32FC1'
+
+# ~/points layout: x y z rgb confidence, all FLOAT32 (rgb: 0x00RRGGBB bits read as a float, as PCL/RViz).
+POINT_FIELD_NAMES: tuple[str, ...] = ('x', 'y', 'z', 'rgb', 'confidence')
+POINT_STEP = 4 * len(POINT_FIELD_NAMES)
+_POINT_DTYPE = np.dtype([(name, '<f4') for name in POINT_FIELD_NAMES])
+_POINTFIELD_NUMPY_TYPES = {PointField.INT8: 'i1', PointField.UINT8: 'u1', PointField.INT16: 'i2',
+                           PointField.UINT16: 'u2', PointField.INT32: 'i4', PointField.UINT32: 'u4',
+                           PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
+
+
+class ImageConversionError(ValueError):
+    """An Image message cannot be read (unsupported encoding, inconsistent sizes, truncated data)."""
+
+
+class CameraInfoError(ValueError):
+    """A CameraInfo message holds no usable calibration."""
+
+
+def byte_array(data: np.ndarray | bytes) -> array.array:
+    """A ``uint8[]`` message field value (``array.array('B')``): assigning it skips rclpy's per-byte checks."""
+    out = array.array('B')
+    out.frombytes(data if isinstance(data, (bytes, bytearray)) else np.ascontiguousarray(data).tobytes())
+    return out
+
+
+def stamp_to_seconds(stamp: Time) -> float:
+    """builtin_interfaces/Time -> float seconds."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def stamp_to_nanoseconds(stamp: Time) -> int:
+    """builtin_interfaces/Time -> integer nanoseconds (exact, for pairing and ordering)."""
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def nanoseconds_to_stamp(nanoseconds: int) -> Time:
+    """Integer nanoseconds -> builtin_interfaces/Time."""
+    sec, nanosec = divmod(int(nanoseconds), 1_000_000_000)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def make_header(stamp: Time, frame_id: str) -> Header:
+    """A new Header (messages never share a Header object)."""
+    return Header(stamp=Time(sec=stamp.sec, nanosec=stamp.nanosec), frame_id=frame_id)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def image_to_numpy(msg: Image) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8) -> (H, W, 3) uint8 RGB, a new array.
+
+    Mono images are replicated into the three channels (the model takes RGB); alpha is dropped. Row padding
+    (``step`` > width * channels) is skipped. ``is_bigendian`` does not matter for 8-bit data.
+    Raises :class:`ImageConversionError` for other encodings, zero sizes and data inconsistent with
+    ``height * step``.
+    """
+    encoding = msg.encoding
+    if encoding not in COLOR_ENCODINGS:
+        raise ImageConversionError(f'unsupported image encoding {encoding!r}: use one of '
+                                   f'{list(SUPPORTED_IMAGE_ENCODINGS)}')
+    channels, rgb_index = COLOR_ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height == 0 or width == 0:
+        raise ImageConversionError(f'empty {encoding} image ({width}x{height})')
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ImageConversionError(f'{encoding} image {width}x{height}: step {step} is smaller than '
+                                   f'width * {channels} = {row_bytes}')
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size != step * height:
+        kind = 'truncated' if data.size < step * height else 'oversized'
+        raise ImageConversionError(f'{kind} {encoding} image {width}x{height}: {data.size} data bytes, '
+                                   f'expected step * height = {step} * {height} = {step * height}')
+    pixels = data.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    return np.ascontiguousarray(pixels[:, :, list(rgb_index)])
+
+
+def _image_msg(pixels: np.ndarray, encoding: str, header: Header) -> Image:
+    pixels = np.ascontiguousarray(pixels)
+    height, width = pixels.shape[:2]
+    msg = Image(header=header, height=height, width=width, encoding=encoding,
+                is_bigendian=int(pixels.dtype.byteorder == '>' or
+                                 (pixels.dtype.byteorder == '=' and sys.byteorder == 'big')),
+                step=pixels.strides[0])
+    msg.data = byte_array(pixels)
+    return msg
+
+
+def rgb_to_image_msg(rgb: np.ndarray, header: Header) -> Image:
+    """(H, W, 3) uint8 RGB -> rgb8 Image."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f'rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}')
+    return _image_msg(rgb, 'rgb8', header)
+
+
+def mono_to_image_msg(mono: np.ndarray, header: Header) -> Image:
+    """(H, W) uint8 -> mono8 Image."""
+    mono = np.asarray(mono)
+    if mono.ndim != 2 or mono.dtype != np.uint8:
+        raise ValueError(f'mono must be (H, W) uint8, got {mono.shape} {mono.dtype}')
+    return _image_msg(mono, 'mono8', header)
+
+
+def depth_to_image_msg(depth: np.ndarray, header: Header) -> Image:
+    """(H, W) depth (metres or model units along the optical axis, NaN invalid) -> 32FC1 Image (little endian)."""
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f'depth must be (H, W), got shape {depth.shape}')
+    return _image_msg(depth.astype('<f4', copy=False), DEPTH_ENCODING, header)
+
+
+def depth_image_to_numpy(msg: Image) -> np.ndarray:
+    """32FC1 Image -> (H, W) float32 (native byte order), honouring ``step`` and ``is_bigendian``."""
+    if msg.encoding != DEPTH_ENCODING:
+        raise ImageConversionError(f'expected a {DEPTH_ENCODING} depth image, got {msg.encoding!r}')
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if height == 0 or width == 0 or step < 4 * width or data.size != step * height:
+        raise ImageConversionError(f'inconsistent {DEPTH_ENCODING} image: {width}x{height}, step {step}, '
+                                   f'{data.size} bytes')
+    rows = data.reshape(height, step)[:, :4 * width]
+    return rows.copy().view('>f4' if msg.is_bigendian else '<f4').reshape(height, width).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ camera infos
+def camera_info_to_matrices(msg: CameraInfo) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """CameraInfo -> (K (3,3), P (3,4), width, height), float64; raises CameraInfoError when K is unusable."""
+    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    P = np.asarray(msg.p, dtype=np.float64).reshape(3, 4)
+    width, height = int(msg.width), int(msg.height)
+    if not np.any(K):
+        raise CameraInfoError('CameraInfo K is all zeros (uncalibrated camera)')
+    if not (np.isfinite(K).all() and np.isfinite(P).all()):
+        raise CameraInfoError('CameraInfo K or P holds non-finite values')
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise CameraInfoError(f'CameraInfo K has non-positive focal lengths fx={K[0, 0]}, fy={K[1, 1]}')
+    if width <= 0 or height <= 0:
+        raise CameraInfoError(f'CameraInfo has no image size ({width}x{height})')
+    return K, P, width, height
+
+
+def rectified_intrinsics(msg: CameraInfo) -> np.ndarray:
+    """(3,3) intrinsics of the *rectified* image (``image_rect``): P[:3,:3] when P is set, else K.
+
+    A stereo_image_proc pipeline publishes rectified images with the CameraInfo of the raw camera, whose
+    ``P`` is the projection of the rectified image; K describes the raw, distorted image.
+    """
+    K, P, _, _ = camera_info_to_matrices(msg)
+    if np.any(P[:3, :3]) and P[0, 0] > 0 and P[1, 1] > 0:
+        return P[:3, :3].copy()
+    return K
+
+
+def stereo_baseline_from_camera_info(right_info: CameraInfo) -> float | None:
+    """Stereo baseline B (metres) from the right camera's projection ``P[0,3] = -fx * B``; None when unknown."""
+    P = np.asarray(right_info.p, dtype=np.float64).reshape(3, 4)
+    if not np.isfinite(P).all() or P[0, 0] <= 0:
+        return None
+    baseline = -P[0, 3] / P[0, 0]
+    return float(baseline) if baseline > 0 else None
+
+
+def model_camera_info(K: np.ndarray, width: int, height: int, header: Header,
+                      P: np.ndarray | None = None) -> CameraInfo:
+    """CameraInfo of an undistorted model-resolution image: plumb_bob with zero distortion, R = I, P = [K|0]."""
+    K = np.asarray(K, dtype=np.float64).reshape(3, 3)
+    P = np.hstack([K, np.zeros((3, 1))]) if P is None else np.asarray(P, dtype=np.float64).reshape(3, 4)
+    return CameraInfo(header=header, width=int(width), height=int(height), distortion_model='plumb_bob',
+                      d=[0.0] * 5, k=K.ravel().tolist(), r=np.eye(3).ravel().tolist(), p=P.ravel().tolist())
+
+
+# ---------------------------------------------------------------------------------------------- clouds
+def pack_rgb_float(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 -> (N,) float32 whose bits are 0x00RRGGBB (PCL/RViz ``rgb`` field)."""
+    rgb = np.asarray(rgb, dtype=np.uint32)
+    packed = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+    return packed.astype('<u4').view('<f4')
+
+
+def unpack_rgb_float(rgb_float: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_rgb_float`: (N,) float32 -> (N, 3) uint8."""
+    packed = np.ascontiguousarray(rgb_float, dtype='<f4').view('<u4')
+    return np.stack([(packed >> 16) & 0xFF, (packed >> 8) & 0xFF, packed & 0xFF], axis=-1).astype(np.uint8)
+
+
+def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.ndarray,
+                            header: Header) -> PointCloud2:
+    """Unordered cloud (height 1) with FLOAT32 fields x y z rgb confidence, point_step 20, little endian.
+
+    ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,); points must be finite
+    (is_dense is true).
+    """
+    xyz = np.asarray(xyz)
+    count = xyz.shape[0]
+    if xyz.shape != (count, 3) or np.shape(rgb) != (count, 3) or np.shape(confidence) != (count,):
+        raise ValueError(f'xyz (N,3), rgb (N,3), confidence (N,) expected, got {xyz.shape}, '
+                         f'{np.shape(rgb)}, {np.shape(confidence)}')
+    points = np.empty(count, dtype=_POINT_DTYPE)
+    points['x'], points['y'], points['z'] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    points['rgb'] = pack_rgb_float(rgb)
+    points['confidence'] = confidence
+    fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+              for i, name in enumerate(POINT_FIELD_NAMES)]
+    msg = PointCloud2(header=header, height=1, width=count, fields=fields, is_bigendian=False,
+                      point_step=POINT_STEP, row_step=POINT_STEP * count, is_dense=True)
+    msg.data = byte_array(points)
+    return msg
+
+
+def pointcloud2_to_numpy(msg: PointCloud2) -> dict[str, np.ndarray]:
+    """PointCloud2 -> {field name: (N,) array} for every field (any layout); plus ``xyz`` (N,3) float32 and,
+    when an ``rgb`` field exists, ``rgb_u8`` (N,3) uint8."""
+    order = '>' if msg.is_bigendian else '<'
+    dtype = np.dtype({'names': [f.name for f in msg.fields],
+                      'formats': [order + _POINTFIELD_NUMPY_TYPES[f.datatype] for f in msg.fields],
+                      'offsets': [f.offset for f in msg.fields], 'itemsize': msg.point_step})
+    count = msg.width * msg.height
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if msg.row_step * msg.height != data.size or msg.point_step * msg.width > msg.row_step:
+        raise ValueError(f'inconsistent PointCloud2: {data.size} bytes, row_step {msg.row_step}, '
+                         f'height {msg.height}, point_step {msg.point_step}, width {msg.width}')
+    rows = data.reshape(msg.height, msg.row_step)[:, :msg.point_step * msg.width]
+    points = np.ascontiguousarray(rows).view(dtype).reshape(count)
+    out = {name: points[name].astype(points[name].dtype.newbyteorder('=')) for name in dtype.names}
+    if {'x', 'y', 'z'} <= set(out):
+        out['xyz'] = np.stack([out['x'], out['y'], out['z']], axis=-1).astype(np.float32)
+    if 'rgb' in out:
+        out['rgb_u8'] = unpack_rgb_float(out['rgb'])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- poses
+def _rotation_translation(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(4,4) rigid transform -> (unit quaternion x y z w with w >= 0, translation (3,))."""
+    T = np.asarray(T, dtype=np.float64)
+    if T.shape != (4, 4) or not np.isfinite(T).all():
+        raise ValueError(f'expected a finite 4x4 transform, got shape {T.shape}')
+    quaternion = Rotation.from_matrix(T[:3, :3]).as_quat()
+    quaternion /= np.linalg.norm(quaternion)
+    if quaternion[3] < 0:
+        quaternion = -quaternion
+    return quaternion, T[:3, 3].copy()
+
+
+def quaternion_msg_to_matrix(q: Quaternion) -> np.ndarray:
+    """geometry_msgs/Quaternion -> (3,3) rotation matrix."""
+    return Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()
+
+
+def pose_stamped_from_matrix(T: np.ndarray, header: Header) -> PoseStamped:
+    """(4,4) pose of a frame in ``header.frame_id`` -> PoseStamped."""
+    q, t = _rotation_translation(T)
+    pose = Pose(position=PointMsg(x=float(t[0]), y=float(t[1]), z=float(t[2])),
+                orientation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
+    return PoseStamped(header=header, pose=pose)
+
+
+def transform_stamped_from_matrix(T: np.ndarray, header: Header, child_frame_id: str) -> TransformStamped:
+    """(4,4) pose of ``child_frame_id`` in ``header.frame_id`` (T_parent_child) -> TransformStamped."""
+    q, t = _rotation_translation(T)
+    transform = Transform(translation=Vector3(x=float(t[0]), y=float(t[1]), z=float(t[2])),
+                          rotation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
+    return TransformStamped(header=header, child_frame_id=child_frame_id, transform=transform)
+
+
+def pose_msg_to_matrix(pose: Pose) -> np.ndarray:
+    """geometry_msgs/Pose -> (4,4) transform."""
+    T = np.eye(4)
+    T[:3, :3] = quaternion_msg_to_matrix(pose.orientation)
+    T[:3, 3] = (pose.position.x, pose.position.y, pose.position.z)
+    return T

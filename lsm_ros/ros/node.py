@@ -1,0 +1,499 @@
+"""``lsm_node``: a stereo / camera pair in, DUSt3R geometry out (point cloud, depth, relative pose).
+
+Subscribes (SensorDataQoS, relative names as stereo_image_proc's, so they remap):
+
+- ``left/image_rect``, ``right/image_rect`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8);
+- ``left/camera_info``, ``right/camera_info`` (sensor_msgs/CameraInfo), used when ``use_camera_info``:
+  the intrinsics of the *rectified* images are ``P[:3,:3]`` (``K`` when P is all zeros) and the right
+  camera's ``P[0,3] = -fx * B`` gives the baseline that makes the products metric.
+
+Publishes (reliable, keep-last 2; stamp = the pair's left stamp; frame = the left camera's optical frame,
+``left_frame_id`` or the left image's frame_id, except the right depth and camera info, in the right
+camera's frame):
+
+- ``~/points`` sensor_msgs/PointCloud2: both views merged, fields x y z rgb confidence;
+- ``~/left/depth``, ``~/right/depth`` sensor_msgs/Image 32FC1 (NaN invalid), model resolution;
+- ``~/left/camera_info``, ``~/right/camera_info``: intrinsics of the depth images (model resolution);
+- ``~/relative_pose`` geometry_msgs/PoseStamped: the right camera in the left frame (only when PnP succeeded);
+- ``~/info`` lsm_ros/ReconstructionInfo: scale, intrinsics source, sizes, timings (every processed pair);
+- ``/tf`` left -> right TransformStamped, only when ``publish_tf`` (and the pose succeeded).
+
+Images are paired by :class:`~lsm_ros.ros.sync.StereoSynchronizer`, checked in the subscription callback and
+reconstructed on one :class:`~lsm_ros.ros.sync.LatestPairWorker` thread: while a pair is being processed only
+the newest waiting pair is kept. A bad pair (sizes, encoding, data, CameraInfo, stale stamp) is logged
+(rate-limited), counted and produces no output; the node keeps running.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PoseStamped
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+
+from lsm_ros.config import NodeConfig, PipelineConfig
+from lsm_ros.msg import ReconstructionInfo
+from lsm_ros.pipeline import CameraCalibration, Reconstruction, Reconstructor
+from lsm_ros.ros import conversions
+from lsm_ros.ros.isolation import apply_node_environment_defaults
+from lsm_ros.ros.params import LsmParameters
+from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, CameraInfoCache, LatestPairWorker, RateLimitedLog,
+                              Side, StereoPair, StereoSynchronizer)
+
+NODE_NAME = 'lsm_node'
+# Input topics (relative: remap them, e.g. left/image_rect:=/stereo/left/image_rect).
+LEFT_IMAGE_TOPIC = 'left/image_rect'
+RIGHT_IMAGE_TOPIC = 'right/image_rect'
+LEFT_INFO_TOPIC = 'left/camera_info'
+RIGHT_INFO_TOPIC = 'right/camera_info'
+INPUT_TOPICS = (LEFT_IMAGE_TOPIC, RIGHT_IMAGE_TOPIC, LEFT_INFO_TOPIC, RIGHT_INFO_TOPIC)
+# Output topics (private: /<namespace>/lsm_node/...).
+POINTS_TOPIC = '~/points'
+LEFT_DEPTH_TOPIC = '~/left/depth'
+RIGHT_DEPTH_TOPIC = '~/right/depth'
+LEFT_MODEL_INFO_TOPIC = '~/left/camera_info'
+RIGHT_MODEL_INFO_TOPIC = '~/right/camera_info'
+RELATIVE_POSE_TOPIC = '~/relative_pose'
+INFO_TOPIC = '~/info'
+TF_TOPIC = '/tf'
+OUTPUT_TOPICS = (POINTS_TOPIC, LEFT_DEPTH_TOPIC, RIGHT_DEPTH_TOPIC, LEFT_MODEL_INFO_TOPIC, RIGHT_MODEL_INFO_TOPIC,
+                 RELATIVE_POSE_TOPIC, INFO_TOPIC)
+# Frames used when neither the parameter nor the image header names one.
+DEFAULT_LEFT_FRAME = 'lsm_left_camera_optical_frame'
+DEFAULT_RIGHT_FRAME = 'lsm_right_camera_optical_frame'
+
+PRODUCT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+TF_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                    durability=DurabilityPolicy.VOLATILE)  # as tf2_ros.TransformBroadcaster
+
+# Reasons for which a pair gives no output (counted in LsmNode.statistics()['rejected']).
+REJECT_ENCODING = 'unsupported_encoding'
+REJECT_IMAGE_DATA = 'bad_image_data'
+REJECT_SIZE_MISMATCH = 'size_mismatch'
+REJECT_NO_CAMERA_INFO = 'missing_camera_info'
+REJECT_BAD_CAMERA_INFO = 'bad_camera_info'
+REJECT_STALE = 'stale_stamp'
+REJECT_TOO_OLD = 'too_old'
+REJECT_RECONSTRUCTION = 'reconstruction_failed'
+
+CHECKPOINT_HELP = (
+    'lsm_node needs the official DUSt3R weights: pass the file with -p dust3r_checkpoint:=/path/to/'
+    'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (or lsm_checkpoint:=/path/to/checkpoint-final.pth, whose config '
+    'names the DUSt3R file), e.g. `ros2 run lsm_ros lsm_node --ros-args -p dust3r_checkpoint:=...`, '
+    '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml.')
+
+
+class InputRejected(ValueError):
+    """A pair that cannot be reconstructed; ``reason`` is one of the REJECT_* keys."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class ReceivedImage:
+    """An image message and when it arrived (monotonic seconds)."""
+
+    msg: Image
+    received_s: float
+
+
+@dataclass
+class PreparedPair:
+    """A checked pair, ready for the network: RGB arrays, calibration and the frames of its products."""
+
+    stamp_ns: int
+    left_rgb: np.ndarray          # (H, W, 3) uint8
+    right_rgb: np.ndarray         # (H, W, 3) uint8
+    calibration: CameraCalibration | None
+    left_frame: str
+    right_frame: str
+    received_s: float             # monotonic time the later image of the pair arrived
+
+
+class LsmNode(Node):
+    """The ROS 2 node around :class:`~lsm_ros.pipeline.Reconstructor` (see the module docstring).
+
+    ``reconstructor``: an already built one (its config gives the defaults of the pipeline parameters;
+    read-only ones cannot change it); None: built from the checkpoint parameters. ``node_kwargs`` go to
+    ``rclpy.node.Node`` (context, namespace, parameter_overrides, cli_args, ...).
+    """
+
+    def __init__(self, reconstructor: Reconstructor | None = None, **node_kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **node_kwargs)
+        try:
+            self._set_up(reconstructor)
+        except BaseException:
+            self.destroy_node()
+            raise
+
+    def _set_up(self, reconstructor: Reconstructor | None) -> None:
+        self._lock = threading.Lock()
+        self._rejected: collections.Counter[str] = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._latencies_s: collections.deque[float] = collections.deque(maxlen=100)
+        self._last_accepted_stamp_ns: int | None = None
+        self._once: set[str] = set()
+        self._lsm_params = LsmParameters(self, pipeline_defaults=reconstructor.config if reconstructor else None,
+                                         on_change=self._on_config_change)
+        if reconstructor is None:
+            reconstructor = self._build_reconstructor(self._lsm_params.pipeline)
+        else:
+            self._warn_ignored_read_only(reconstructor, self._lsm_params.pipeline)
+        self._reconstructor = reconstructor
+        self._reconstructor.config = self._pipeline_config_for(self._reconstructor, self._lsm_params.pipeline)
+        node_config = self._lsm_params.node_config
+        self._warnings = RateLimitedLog(self.get_logger(), node_config.log_throttle_s)
+        self._synchronizer = self._make_synchronizer(node_config)
+        self._camera_infos: CameraInfoCache[CameraInfo] = CameraInfoCache()
+
+        self._publishers_by_topic = {
+            POINTS_TOPIC: self.create_publisher(PointCloud2, POINTS_TOPIC, PRODUCT_QOS),
+            LEFT_DEPTH_TOPIC: self.create_publisher(Image, LEFT_DEPTH_TOPIC, PRODUCT_QOS),
+            RIGHT_DEPTH_TOPIC: self.create_publisher(Image, RIGHT_DEPTH_TOPIC, PRODUCT_QOS),
+            LEFT_MODEL_INFO_TOPIC: self.create_publisher(CameraInfo, LEFT_MODEL_INFO_TOPIC, PRODUCT_QOS),
+            RIGHT_MODEL_INFO_TOPIC: self.create_publisher(CameraInfo, RIGHT_MODEL_INFO_TOPIC, PRODUCT_QOS),
+            RELATIVE_POSE_TOPIC: self.create_publisher(PoseStamped, RELATIVE_POSE_TOPIC, PRODUCT_QOS),
+            INFO_TOPIC: self.create_publisher(ReconstructionInfo, INFO_TOPIC, PRODUCT_QOS),
+        }
+        self._tf_publisher = None  # created when publish_tf is first true
+        self._worker: LatestPairWorker[PreparedPair] = LatestPairWorker(
+            self._process_pair, logger=self.get_logger(), name='lsm_inference',
+            log_interval_s=node_config.log_throttle_s).start()
+
+        self.create_subscription(Image, LEFT_IMAGE_TOPIC, self._image_callback('left'), qos_profile_sensor_data)
+        self.create_subscription(Image, RIGHT_IMAGE_TOPIC, self._image_callback('right'), qos_profile_sensor_data)
+        self.create_subscription(CameraInfo, LEFT_INFO_TOPIC, self._camera_info_callback('left'),
+                                 qos_profile_sensor_data)
+        self.create_subscription(CameraInfo, RIGHT_INFO_TOPIC, self._camera_info_callback('right'),
+                                 qos_profile_sensor_data)
+        self._announce()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _build_reconstructor(self, pipeline: PipelineConfig) -> Reconstructor:
+        if not (pipeline.dust3r_checkpoint or pipeline.lsm_checkpoint):
+            raise ValueError('no checkpoint configured. ' + CHECKPOINT_HELP)
+        return Reconstructor.from_checkpoints(config=pipeline)
+
+    def _pipeline_config_for(self, reconstructor: Reconstructor, parameters: PipelineConfig) -> PipelineConfig:
+        """The reconstructor's config with the runtime-settable pipeline parameters applied."""
+        settable = {spec.name: getattr(parameters, spec.name) for spec in self._lsm_params.specs.values()
+                    if not spec.read_only and hasattr(parameters, spec.name)}
+        return dataclasses.replace(reconstructor.config, **settable)
+
+    def _warn_ignored_read_only(self, reconstructor: Reconstructor, parameters: PipelineConfig) -> None:
+        """An injected reconstructor fixes the read-only pipeline parameters: say which overrides are ignored."""
+        for spec in self._lsm_params.specs.values():
+            if spec.read_only and hasattr(parameters, spec.name):
+                wanted, used = getattr(parameters, spec.name), getattr(reconstructor.config, spec.name)
+                if wanted != used:
+                    self.get_logger().warning(f'parameter {spec.name}={wanted!r} ignored: the injected '
+                                              f'reconstructor was built with {used!r}')
+
+    @staticmethod
+    def _sync_settings(config: NodeConfig) -> dict[str, Any]:
+        return dict(approximate=config.approximate_sync, tolerance_ns=round(config.sync_tolerance_s * 1e9),
+                    queue_size=config.sync_queue_size)
+
+    def _make_synchronizer(self, config: NodeConfig) -> StereoSynchronizer[ReceivedImage]:
+        self._synchronizer_settings = self._sync_settings(config)
+        return StereoSynchronizer(**self._synchronizer_settings)
+
+    def _announce(self) -> None:
+        rec, cfg, logger = self._reconstructor, self._lsm_params.node_config, self.get_logger()
+        logger.info(f'lsm_node ready: weights {rec.weights}, device {rec.device}, resolution '
+                    f'{rec.config.resolution}, {"approximate" if cfg.approximate_sync else "exact"} stereo sync, '
+                    f'camera info {"used" if cfg.use_camera_info else "ignored (intrinsics estimated)"}; '
+                    f'waiting for {self.resolve_topic_name(LEFT_IMAGE_TOPIC)} and '
+                    f'{self.resolve_topic_name(RIGHT_IMAGE_TOPIC)}')
+        if not rec.trained_weights:
+            banner = '!' * 100
+            logger.error(f'\n{banner}\n  UNTRAINED WEIGHTS ({rec.weights}): every product of this node is '
+                         f'meaningless.\n  {CHECKPOINT_HELP}\n{banner}')
+
+    def _on_config_change(self, pipeline: PipelineConfig, node_config: NodeConfig) -> None:
+        self._reconstructor.config = self._pipeline_config_for(self._reconstructor, pipeline)
+        self._warnings.interval_s = node_config.log_throttle_s
+        if self._sync_settings(node_config) != self._synchronizer_settings:
+            self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
+
+    def output_topic_names(self) -> dict[str, str]:
+        """Fully resolved names of the products: {'~/points': '/<ns>/lsm_node/points', ...}."""
+        return {topic: self.resolve_topic_name(topic) for topic in OUTPUT_TOPICS}
+
+    @property
+    def reconstructor(self) -> Reconstructor:
+        return self._reconstructor
+
+    @property
+    def node_config(self) -> NodeConfig:
+        return self._lsm_params.node_config
+
+    # ------------------------------------------------------------------------------------------ input
+    def _image_callback(self, side: Side) -> Callable[[Image], None]:
+        def on_image(msg: Image) -> None:
+            self._count(f'{side}_images')
+            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
+            synchronizer = self._synchronizer
+            result = synchronizer.add(side, stamp_ns, ReceivedImage(msg, time.monotonic()))
+            if result.rejected == DROP_LATE:
+                self._reject(REJECT_STALE, f'{side} image stamp {stamp_ns * 1e-9:.6f} s is not newer than the last '
+                             'paired stamp: dropped (a restarted source or bag needs a restart of lsm_node)')
+            elif result.rejected == DROP_DUPLICATE:
+                self._warnings.warning(f'duplicate_{side}', f'{side} image with an already queued stamp '
+                                       f'{stamp_ns * 1e-9:.6f} s: dropped')
+            if result.pair is not None:
+                self._on_pair(result.pair)
+        return on_image
+
+    def _camera_info_callback(self, side: Side) -> Callable[[CameraInfo], None]:
+        def on_camera_info(msg: CameraInfo) -> None:
+            self._count(f'{side}_camera_infos')
+            self._camera_infos.update(side, conversions.stamp_to_nanoseconds(msg.header.stamp), msg)
+        return on_camera_info
+
+    def _on_pair(self, pair: StereoPair[ReceivedImage]) -> None:
+        self._count('pairs')
+        try:
+            prepared = self._prepare_pair(pair)
+        except InputRejected as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        with self._lock:
+            self._last_accepted_stamp_ns = prepared.stamp_ns
+        self._worker.submit(prepared)  # replaces a still pending pair (counted in statistics()['worker'])
+
+    def _prepare_pair(self, pair: StereoPair[ReceivedImage]) -> PreparedPair:
+        """Check a synchronised pair and convert it for the network; raises :class:`InputRejected`."""
+        cfg = self._lsm_params.node_config
+        stamp_ns = pair.stamp_ns
+        stamp_text = f'{stamp_ns * 1e-9:.6f} s'
+        with self._lock:
+            last = self._last_accepted_stamp_ns
+        if last is not None and stamp_ns <= last:
+            raise InputRejected(REJECT_STALE, f'pair at {stamp_text} is not newer than the last processed pair '
+                                f'({last * 1e-9:.6f} s): dropped')
+        if cfg.max_input_age_s > 0:
+            age_s = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
+            if age_s > cfg.max_input_age_s:
+                raise InputRejected(REJECT_TOO_OLD, f'pair at {stamp_text} is {age_s:.3f} s old, more than '
+                                    f'max_input_age_s = {cfg.max_input_age_s} s: dropped')
+        left_msg, right_msg = pair.left.msg, pair.right.msg
+        arrays = {}
+        for side, msg in (('left', left_msg), ('right', right_msg)):
+            if msg.encoding not in conversions.SUPPORTED_IMAGE_ENCODINGS:
+                raise InputRejected(REJECT_ENCODING, f'{side} image at {stamp_text} has encoding {msg.encoding!r}; '
+                                    f'lsm_node takes {", ".join(conversions.SUPPORTED_IMAGE_ENCODINGS)}: dropped')
+            try:
+                arrays[side] = conversions.image_to_numpy(msg)
+            except conversions.ImageConversionError as exc:
+                raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {exc}: dropped') from exc
+        if arrays['left'].shape != arrays['right'].shape:
+            raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is '
+                                f'{left_msg.width}x{left_msg.height}, right image {right_msg.width}x'
+                                f'{right_msg.height}; both must have the same size: dropped')
+        calibration = self._calibration(stamp_ns, stamp_text, left_msg) if cfg.use_camera_info else None
+        left_frame = cfg.left_frame_id or left_msg.header.frame_id or self._default_frame('left', DEFAULT_LEFT_FRAME)
+        right_frame = cfg.right_frame_id or right_msg.header.frame_id or \
+            self._default_frame('right', DEFAULT_RIGHT_FRAME)
+        return PreparedPair(stamp_ns=stamp_ns, left_rgb=arrays['left'], right_rgb=arrays['right'],
+                            calibration=calibration, left_frame=left_frame, right_frame=right_frame,
+                            received_s=max(pair.left.received_s, pair.right.received_s))
+
+    def _calibration(self, stamp_ns: int, stamp_text: str, left_msg: Image) -> CameraCalibration:
+        cfg = self._lsm_params.node_config
+        tolerance_ns = round(cfg.camera_info_tolerance_s * 1e9)
+        infos = {}
+        for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
+            info = self._camera_infos.lookup(side, stamp_ns, tolerance_ns)
+            if info is None:
+                raise InputRejected(REJECT_NO_CAMERA_INFO, (
+                    f'no CameraInfo on {self.resolve_topic_name(topic)} within camera_info_tolerance_s = '
+                    f'{cfg.camera_info_tolerance_s} s of the pair at {stamp_text}: dropped. Publish it, or set '
+                    'use_camera_info:=false to estimate the intrinsics from the images (no metric scale).'))
+            infos[side] = info
+        try:
+            for side, info in infos.items():
+                _, _, width, height = conversions.camera_info_to_matrices(info)
+                if (width, height) != (left_msg.width, left_msg.height):
+                    raise conversions.CameraInfoError(
+                        f'{side} CameraInfo is for {width}x{height} images, the images are '
+                        f'{left_msg.width}x{left_msg.height}')
+            K_left = conversions.rectified_intrinsics(infos['left'])
+            K_right = conversions.rectified_intrinsics(infos['right'])
+            calibration = CameraCalibration(K_left=K_left, K_right=K_right,
+                                            baseline_m=conversions.stereo_baseline_from_camera_info(infos['right']),
+                                            source='camera_info')
+        except ValueError as exc:  # CameraInfoError, or CameraCalibration's own checks
+            raise InputRejected(REJECT_BAD_CAMERA_INFO, f'pair at {stamp_text}: unusable CameraInfo: {exc}. Fix the '
+                                'calibration or set use_camera_info:=false: dropped') from exc
+        if calibration.baseline_m is None:
+            self._info_once('no_baseline', 'the right CameraInfo has no stereo baseline (P[0,3] = -fx*B is 0): '
+                            'products are in model units, not metres')
+        return calibration
+
+    def _default_frame(self, side: str, frame: str) -> str:
+        self._info_once(f'frame_{side}', f'{side} image has no frame_id and {side}_frame_id is empty: using {frame!r}')
+        return frame
+
+    # ------------------------------------------------------------------------------------------ output
+    def _process_pair(self, pair: PreparedPair) -> None:
+        """Worker thread: reconstruct one pair and publish its products."""
+        try:
+            result = self._reconstructor.reconstruct(pair.left_rgb, pair.right_rgb, pair.calibration)
+        except Exception as exc:  # noqa: BLE001 - one failed pair must not stop the node
+            self._reject(REJECT_RECONSTRUCTION, f'reconstruction of the pair at {pair.stamp_ns * 1e-9:.6f} s '
+                         f'failed: {type(exc).__name__}: {exc}')
+            return
+        self._publish_reconstruction(pair, result)
+
+    def _publish_reconstruction(self, pair: PreparedPair, result: Reconstruction) -> None:
+        """Publish every product of ``result`` stamped with the pair's stamp."""
+        cfg = self._lsm_params.node_config
+        stamp = conversions.nanoseconds_to_stamp(pair.stamp_ns)
+
+        def left_header() -> Header:
+            return conversions.make_header(stamp, pair.left_frame)
+
+        def right_header() -> Header:
+            return conversions.make_header(stamp, pair.right_frame)
+
+        width, height = result.size
+        points = result.points(stride=cfg.point_stride)
+        self._publish(POINTS_TOPIC, lambda: conversions.pointcloud2_from_points(
+            points['xyz'], points['rgb'], points['confidence'], left_header()))
+        self._publish(LEFT_DEPTH_TOPIC, lambda: conversions.depth_to_image_msg(result.depth_1, left_header()))
+        self._publish(RIGHT_DEPTH_TOPIC, lambda: conversions.depth_to_image_msg(result.depth_2, right_header()))
+        self._publish(LEFT_MODEL_INFO_TOPIC, lambda: conversions.model_camera_info(result.K_1, width, height,
+                                                                                    left_header()))
+        self._publish(RIGHT_MODEL_INFO_TOPIC, lambda: conversions.model_camera_info(result.K_2, width, height,
+                                                                                     right_header()))
+        if result.pose.success:
+            self._publish(RELATIVE_POSE_TOPIC, lambda: conversions.pose_stamped_from_matrix(result.T_1_2,
+                                                                                           left_header()))
+            if cfg.publish_tf:
+                self._publish_tf(result.T_1_2, left_header(), pair.right_frame)
+        else:
+            self._count('pose_failures')
+            self._warnings.warning('pose_failed', f'relative pose of the pair at {pair.stamp_ns * 1e-9:.6f} s '
+                                   f'failed ({result.pose.message}): ~/relative_pose and /tf not published')
+        baseline = pair.calibration.baseline_m if pair.calibration and pair.calibration.baseline_m else 0.0
+        info = ReconstructionInfo(
+            header=left_header(), metric_scale=bool(result.metric_scale), scale_source=result.scale_source,
+            scale_factor=float(result.scale_factor), baseline_m=float(baseline),
+            intrinsics_source=result.intrinsics_source, width=int(width), height=int(height),
+            k_left=np.asarray(result.K_1, dtype=np.float64).ravel().tolist(),
+            k_right=np.asarray(result.K_2, dtype=np.float64).ravel().tolist(),
+            num_points=int(points['xyz'].shape[0]), pose_inliers=int(result.pose.num_inliers),
+            inference_time_s=float(result.timings_s.get('network', 0.0)))
+        latency_s = time.monotonic() - pair.received_s
+        info.total_time_s = float(latency_s)
+        self._publish(INFO_TOPIC, lambda: info)
+        with self._lock:
+            self._counts['processed'] += 1
+            self._latencies_s.append(latency_s)
+
+    def _publish_tf(self, T_left_right: np.ndarray, header: Header, right_frame: str) -> None:
+        if right_frame == header.frame_id:
+            self._warnings.warning('tf_same_frame', f'left and right frames are both {right_frame!r}: set '
+                                   'left_frame_id/right_frame_id to publish /tf')
+            return
+        if self._tf_publisher is None:
+            self._tf_publisher = self.create_publisher(TFMessage, TF_TOPIC, TF_QOS)
+        message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T_left_right, header, right_frame)])
+        try:
+            self._tf_publisher.publish(message)
+        except Exception as exc:  # noqa: BLE001 - rclpy raises RCLError (and others on shutdown)
+            self._publish_failed(TF_TOPIC, exc)
+
+    def _publish(self, topic: str, build: Callable[[], Any]) -> None:
+        try:
+            self._publishers_by_topic[topic].publish(build())
+        except Exception as exc:  # noqa: BLE001 - a failed publish must not stop the others
+            self._publish_failed(topic, exc)
+
+    def _publish_failed(self, topic: str, exc: Exception) -> None:
+        self._count('publish_failures')
+        self._warnings.warning(f'publish_{topic}', f'publishing {topic} failed: {type(exc).__name__}: {exc}')
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _reject(self, reason: str, message: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+        self._warnings.warning(reason, message)
+
+    def _info_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._once:
+                return
+            self._once.add(key)
+        self.get_logger().info(message)
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters: images, pairs, processed, rejected per reason, drops (sync and busy worker), latency."""
+        with self._lock:
+            counts, rejected, latencies = dict(self._counts), dict(self._rejected), list(self._latencies_s)
+        return dict(counts=counts, rejected=rejected, sync_drops=self._synchronizer.drop_counts,
+                    worker=self._worker.stats(),
+                    median_latency_s=float(np.median(latencies)) if latencies else None)
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until the worker has nothing pending or running (for tests and the demo)."""
+        return self._worker.wait_idle(timeout_s)
+
+    def destroy_node(self) -> None:
+        """Stop the worker (after its current pair, at most 30 s) and destroy the node."""
+        worker = getattr(self, '_worker', None)  # absent when the set-up failed early
+        if worker is not None and not worker.stop(timeout_s=30.0):
+            self.get_logger().warning('the inference thread did not stop within 30 s')
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``lsm_node`` (``ros2 run lsm_ros lsm_node --ros-args --params-file config/lsm.yaml``).
+
+    Network: the environment is respected; only when ROS_AUTOMATIC_DISCOVERY_RANGE is unset does the node stay
+    on localhost (see :func:`lsm_ros.ros.isolation.apply_node_environment_defaults`).
+    """
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
+    apply_node_environment_defaults()
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = LsmNode()
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback for set-up errors
+        logging.getLogger(NODE_NAME).error('lsm_node stopped: %s: %s', type(exc).__name__, exc)
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

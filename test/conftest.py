@@ -1,0 +1,222 @@
+"""Test set-up shared by every test module.
+
+At import time, before any module imports rclpy, the DDS traffic of this pytest session is confined to this
+machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, a ROS_DOMAIN_ID of its own (reserved with a lock file, so
+that concurrent sessions differ) and FASTDDS_DEFAULT_PROFILES_FILE=<repo>/config/fastdds_localhost.xml.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from lsm_ros.ros.isolation import apply_localhost_only_environment, reserve_domain_id  # noqa: E402 (no rclpy)
+
+ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id())
+assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
+
+# The tiny random DUSt3R of the ROS tests: ~1 s per pair on 2 CPU cores at 224x224. The wide PnP threshold
+# lets the relative pose of random point maps succeed, so every product (pose, /tf) is exercised.
+TINY_NETWORK = dict(enc_embed_dim=32, enc_depth=1, enc_num_heads=2, dec_embed_dim=32, dec_depth=1, dec_num_heads=2,
+                    dpt_layer_dims=(8, 16, 32, 64), dpt_feature_dim=16, dpt_last_dim=8)
+TINY_PIPELINE = dict(device='cpu', resolution=224, pose_max_points=512, pose_ransac_iterations=20,
+                     pose_reprojection_error_px=100.0)
+EUROC_BAG_RELATIVE = Path('data') / 'euroc_v101_stereo_rosbag2' / 'euroc_v101_stereo_db3'
+
+
+def pytest_report_header(config: Any) -> str:
+    return 'ROS isolation: ' + ', '.join(f'{k}={v}' for k, v in ROS_ENVIRONMENT.items())
+
+
+@pytest.fixture(scope='session')
+def shared_dir() -> Path:
+    """The project's shared folder: $LSM_ROS_SHARED, else <repo>/../shared."""
+    return Path(os.environ.get('LSM_ROS_SHARED') or REPO_ROOT.parent / 'shared')
+
+
+@pytest.fixture(scope='session')
+def tiny_reconstructor() -> Any:
+    """The real Reconstructor with a tiny random DUSt3R (untrained)."""
+    from lsm_ros.model import Dust3rConfig
+    from lsm_ros.pipeline import Reconstructor
+    return Reconstructor.from_config(Dust3rConfig(**TINY_NETWORK), **TINY_PIPELINE)
+
+
+@pytest.fixture(scope='session')
+def stereo_bag(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The EuRoC stereo bag when present, else a small synthetic one with the same topics."""
+    euroc = shared_dir / EUROC_BAG_RELATIVE
+    if (euroc / 'metadata.yaml').is_file():
+        return euroc
+    from lsm_ros.ros.synthetic import write_synthetic_stereo_bag
+    return write_synthetic_stereo_bag(tmp_path_factory.mktemp('bags') / 'synthetic', frames=4)
+
+
+@pytest.fixture(scope='module')
+def ros_context() -> Iterator[Any]:
+    """A fresh, initialised rclpy Context per test module (shut down afterwards)."""
+    import rclpy
+    context = rclpy.Context()
+    rclpy.init(context=context, args=[])
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
+
+
+class SpinningExecutor:
+    """A MultiThreadedExecutor spinning its nodes in a background thread; destroys them on close()."""
+
+    def __init__(self, context: Any, num_threads: int = 3) -> None:
+        from rclpy.executors import MultiThreadedExecutor
+        self.executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+        self.nodes: list[Any] = []
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True, name='test_executor')
+
+    def add(self, node: Any) -> Any:
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        if not self._thread.is_alive():
+            self._thread.start()
+        return node
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5.0)
+        for node in reversed(self.nodes):
+            node.destroy_node()
+        self._thread.join(5.0)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+STEREO_REMAPS = {'left/image_rect': '/stereo/left/image_rect', 'right/image_rect': '/stereo/right/image_rect',
+                 'left/camera_info': '/stereo/left/camera_info', 'right/camera_info': '/stereo/right/camera_info'}
+
+
+def make_lsm_node(reconstructor: Any, context: Any, namespace: str = 'lsm', **parameters: Any) -> Any:
+    """An LsmNode in ``namespace`` with its inputs remapped to /stereo/..., parameters given as overrides."""
+    from rclpy.parameter import Parameter
+
+    from lsm_ros.ros.node import LsmNode
+    cli_args = ['--ros-args'] + [a for src, dst in STEREO_REMAPS.items() for a in ('-r', f'{src}:={dst}')]
+    return LsmNode(reconstructor, context=context, namespace=namespace, cli_args=cli_args,
+                   use_global_arguments=False,
+                   parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
+
+
+class ProductCollector:
+    """A node that keeps every message of the lsm_node products, /tf and /rosout (by topic key)."""
+
+    def __init__(self, context: Any, lsm_node: Any) -> None:
+        from geometry_msgs.msg import PoseStamped
+        from rcl_interfaces.msg import Log
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+        from tf2_msgs.msg import TFMessage
+
+        from lsm_ros.msg import ReconstructionInfo
+        from lsm_ros.ros import node as lsm
+        self.node = Node('test_product_collector', context=context)
+        self.topics = lsm_node.output_topic_names()
+        self.topics[lsm.TF_TOPIC] = lsm.TF_TOPIC
+        types = {lsm.POINTS_TOPIC: PointCloud2, lsm.LEFT_DEPTH_TOPIC: Image, lsm.RIGHT_DEPTH_TOPIC: Image,
+                 lsm.LEFT_MODEL_INFO_TOPIC: CameraInfo, lsm.RIGHT_MODEL_INFO_TOPIC: CameraInfo,
+                 lsm.RELATIVE_POSE_TOPIC: PoseStamped, lsm.INFO_TOPIC: ReconstructionInfo, lsm.TF_TOPIC: TFMessage}
+        self.messages: dict[str, list[tuple[float, Any]]] = {key: [] for key in types}
+        self.logs: list[Any] = []
+        self._lock = threading.Lock()
+        qos = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+        for key, msg_type in types.items():
+            self.node.create_subscription(msg_type, self.topics[key], self._keep(key), qos)
+        self.node.create_subscription(Log, '/rosout', self._keep_log, QoSProfile(depth=200))
+
+    def _keep(self, key: str) -> Callable[[Any], None]:
+        def callback(msg: Any) -> None:
+            with self._lock:
+                self.messages[key].append((time.monotonic(), msg))
+        return callback
+
+    def _keep_log(self, msg: Any) -> None:
+        with self._lock:
+            self.logs.append(msg)
+
+    def by_stamp(self, key: str, stamp_ns: int) -> list[Any]:
+        """Messages of ``key`` whose header (or first transform's header) has ``stamp_ns``."""
+        from lsm_ros.ros.conversions import stamp_to_nanoseconds
+        with self._lock:
+            found = []
+            for _, msg in self.messages[key]:
+                header = msg.transforms[0].header if hasattr(msg, 'transforms') else msg.header
+                if stamp_to_nanoseconds(header.stamp) == stamp_ns:
+                    found.append(msg)
+            return found
+
+    def log_text(self, name_contains: str = 'lsm_node') -> str:
+        with self._lock:
+            return '\n'.join(m.msg for m in self.logs if name_contains in m.name)
+
+    def connected(self) -> bool:
+        """Every product topic (except /tf, created on demand) has a publisher."""
+        return all(self.node.count_publishers(t) > 0 for k, t in self.topics.items() if k != '/tf')
+
+
+@pytest.fixture(scope='session')
+def stereo_frames(stereo_bag: Path) -> list[Any]:
+    """The first frames of :func:`stereo_bag`, rectified (lsm_ros.ros.bag_player.StereoFrame)."""
+    from lsm_ros.ros.bag_player import read_stereo_frames
+    return read_stereo_frames(stereo_bag, max_frames=4)
+
+
+class StereoPublisher:
+    """A node publishing stereo frames on /stereo/{left,right}/{image_rect,camera_info} (reliable)."""
+
+    def __init__(self, context: Any) -> None:
+        from rclpy.node import Node
+        from sensor_msgs.msg import CameraInfo, Image
+        self.node = Node('test_stereo_publisher', context=context)
+        self.publishers = {key: self.node.create_publisher(msg_type, topic, 10) for key, msg_type, topic in (
+            ('left_info', CameraInfo, STEREO_REMAPS['left/camera_info']),
+            ('right_info', CameraInfo, STEREO_REMAPS['right/camera_info']),
+            ('left_image', Image, STEREO_REMAPS['left/image_rect']),
+            ('right_image', Image, STEREO_REMAPS['right/image_rect']))}
+
+    def connected(self) -> bool:
+        return all(p.get_subscription_count() > 0 for p in self.publishers.values())
+
+    def publish(self, frame: Any, stamp_ns: int | None = None, *, left_image: Any = None, right_image: Any = None,
+                with_camera_info: bool = True, info_settle_s: float = 0.1) -> int:
+        """Publish a frame (optionally other images and a new stamp); CameraInfo first. Returns the stamp."""
+        import copy
+
+        from lsm_ros.ros.conversions import nanoseconds_to_stamp
+        stamp_ns = frame.stamp_ns if stamp_ns is None else stamp_ns
+        messages = {'left_info': frame.left_info, 'right_info': frame.right_info,
+                    'left_image': left_image or frame.left_image, 'right_image': right_image or frame.right_image}
+        for key, message in messages.items():
+            if key.endswith('info') and not with_camera_info:
+                continue
+            message = copy.copy(message)
+            message.header = copy.copy(message.header)
+            message.header.stamp = nanoseconds_to_stamp(stamp_ns)
+            self.publishers[key].publish(message)
+            if key == 'right_info':
+                time.sleep(info_settle_s)   # CameraInfo normally precedes its images
+        return stamp_ns

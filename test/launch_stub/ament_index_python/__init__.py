@@ -1,0 +1,1 @@
+"""Stand-in of ``ament_index_python`` (tests only)."""

@@ -1,0 +1,203 @@
+"""Deployment files: launch/lsm.launch.py (with test-only stand-ins of launch/launch_ros), config/lsm.yaml,
+config/lsm.rviz, config/fastdds_localhost.xml and the network isolation policies."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from lsm_ros.config import CONFIG_SECTIONS, all_parameter_specs
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = Path(__file__).resolve().parent / 'launch_stub'
+STUBBED_PACKAGES = ('launch', 'launch_ros', 'ament_index_python')
+EXPECTED_ARGUMENTS = {
+    'namespace': 'lsm', 'params_file': str(REPO / 'config' / 'lsm.yaml'), 'device': '', 'dust3r_checkpoint': '',
+    'lseg_checkpoint': '', 'lsm_checkpoint': '', 'publish_tf': '', 'use_rviz': 'false',
+    'left_image': '/stereo/left/image_rect', 'right_image': '/stereo/right/image_rect',
+    'left_info': '/stereo/left/camera_info', 'right_info': '/stereo/right/camera_info'}
+
+
+def _is_stubbed(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + '.') for p in STUBBED_PACKAGES)
+
+
+@pytest.fixture
+def launch_file(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """launch/lsm.launch.py imported against the stand-ins; the real modules are restored afterwards."""
+    saved = {name: module for name, module in sys.modules.items() if _is_stubbed(name)}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(STUBS))
+    try:
+        spec = importlib.util.spec_from_file_location('lsm_launch_under_test', REPO / 'launch' / 'lsm.launch.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert Path(sys.modules['launch'].__file__).is_relative_to(STUBS)
+        yield module
+    finally:
+        for name in [n for n in sys.modules if _is_stubbed(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _describe(launch_file: ModuleType) -> tuple[dict[str, Any], list[Any]]:
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+    description = launch_file.generate_launch_description()
+    arguments = {e.name: e for e in description.entities if isinstance(e, DeclareLaunchArgument)}
+    functions = [e for e in description.entities if isinstance(e, OpaqueFunction)]
+    return arguments, functions
+
+
+def _nodes(launch_file: ModuleType, **values: str) -> list[Any]:
+    """The launched nodes for the argument defaults overridden by ``values``."""
+    from launch import LaunchContext
+    arguments, functions = _describe(launch_file)
+    unknown = set(values) - set(arguments)
+    assert not unknown, f'not launch arguments: {unknown}'
+    context = LaunchContext({name: values.get(name, arg.default_value) for name, arg in arguments.items()})
+    return [node for function in functions for node in function.execute(context)]
+
+
+def test_declared_arguments(launch_file: ModuleType) -> None:
+    arguments, functions = _describe(launch_file)
+    assert {name: arg.default_value for name, arg in arguments.items()} == EXPECTED_ARGUMENTS
+    assert all(arg.description for arg in arguments.values())
+    assert len(functions) == 1
+
+
+def test_lsm_node_defaults(launch_file: ModuleType) -> None:
+    from lsm_ros.ros.node import INPUT_TOPICS, NODE_NAME
+    nodes = _nodes(launch_file)
+    assert len(nodes) == 1                                     # no RViz by default
+    node = nodes[0]
+    assert (node.package, node.executable, node.name, node.namespace) == ('lsm_ros', 'lsm_node', NODE_NAME, 'lsm')
+    assert node.parameters == [str(REPO / 'config' / 'lsm.yaml')]   # no override of the params file
+    assert Path(node.parameters[0]).is_file()
+    remaps = dict(node.remappings)
+    assert set(remaps) == set(INPUT_TOPICS)                    # every remap is a topic the node subscribes to
+    assert remaps == {'left/image_rect': '/stereo/left/image_rect', 'right/image_rect': '/stereo/right/image_rect',
+                      'left/camera_info': '/stereo/left/camera_info',
+                      'right/camera_info': '/stereo/right/camera_info'}
+
+
+def test_launch_arguments_override_parameters_and_topics(launch_file: ModuleType) -> None:
+    node = _nodes(launch_file, namespace='robot', device='cpu', dust3r_checkpoint='/w/dust3r.pth',
+                  publish_tf='true', left_image='/cam/left/rect', right_info='/cam/right/info')[0]
+    assert node.namespace == 'robot'
+    assert node.parameters[1] == {'device': 'cpu', 'dust3r_checkpoint': '/w/dust3r.pth', 'publish_tf': True}
+    remaps = dict(node.remappings)
+    assert remaps['left/image_rect'] == '/cam/left/rect' and remaps['right/camera_info'] == '/cam/right/info'
+    specs = {spec.name: spec for spec in all_parameter_specs()}
+    for name, value in node.parameters[1].items():
+        assert specs[name].validate(value) == value            # overrides are real, valid node parameters
+    assert _nodes(launch_file, publish_tf='false')[0].parameters[1] == {'publish_tf': False}
+    with pytest.raises(ValueError, match='not a boolean'):
+        _nodes(launch_file, publish_tf='maybe')
+
+
+def test_rviz_node(launch_file: ModuleType) -> None:
+    nodes = _nodes(launch_file, use_rviz='true')
+    rviz = [n for n in nodes if n.package == 'rviz2']
+    assert len(rviz) == 1 and rviz[0].executable == 'rviz2'
+    assert rviz[0].arguments[0] == '-d' and Path(rviz[0].arguments[1]) == REPO / 'config' / 'lsm.rviz'
+    assert Path(rviz[0].arguments[1]).is_file()
+
+
+def test_params_yaml_equals_the_dataclasses() -> None:
+    document = yaml.safe_load((REPO / 'config' / 'lsm.yaml').read_text())
+    assert list(document) == ['/**/lsm_node']
+    parameters = document['/**/lsm_node']['ros__parameters']
+    defaults = {f.name: f.default for cls in CONFIG_SECTIONS for f in dataclasses.fields(cls)}
+    assert list(parameters) == list(defaults)                   # same keys, same order
+    for name, value in parameters.items():
+        assert type(value) is type(defaults[name]) and value == defaults[name], name
+    lines = [line for line in (REPO / 'config' / 'lsm.yaml').read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith('#') and line.startswith('    ')]
+    assert all('#' in line for line in lines), 'every parameter line has a comment'
+
+
+def test_rviz_config_matches_the_default_namespace_and_demo_frame() -> None:
+    from lsm_ros.ros.demo import DEMO_NAMESPACE
+    from lsm_ros.ros.synthetic import LEFT_FRAME
+    config = yaml.safe_load((REPO / 'config' / 'lsm.rviz').read_text())
+    manager = config['Visualization Manager']
+    assert manager['Global Options']['Fixed Frame'] == LEFT_FRAME == 'cam0'
+    displays = {d['Class']: d for d in manager['Displays']}
+    prefix = f'/{EXPECTED_ARGUMENTS["namespace"]}/lsm_node'
+    assert DEMO_NAMESPACE == EXPECTED_ARGUMENTS['namespace']
+    assert displays['rviz_default_plugins/PointCloud2']['Topic']['Value'] == f'{prefix}/points'
+    assert displays['rviz_default_plugins/PointCloud2']['Color Transformer'] == 'RGB8'
+    assert displays['rviz_default_plugins/Pose']['Topic']['Value'] == f'{prefix}/relative_pose'
+    images = [d['Topic']['Value'] for d in manager['Displays'] if d['Class'] == 'rviz_default_plugins/Image']
+    assert f'{prefix}/left/depth' in images
+    assert 'rviz_default_plugins/TF' in displays
+
+
+def test_project_fastdds_profile_is_localhost_only_with_a_big_shared_memory_segment() -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    from lsm_ros.ros.isolation import fastdds_profile_path
+    path = fastdds_profile_path()
+    assert path == REPO / 'config' / 'fastdds_localhost.xml'
+    ns = {'dds': 'http://www.eprosima.com'}
+    root = ElementTree.parse(path).getroot()
+    transports = {t.findtext('dds:transport_id', namespaces=ns): t
+                  for t in root.iterfind('.//dds:transport_descriptor', ns)}
+    kinds = {t.findtext('dds:type', namespaces=ns): t for t in transports.values()}
+    assert set(kinds) == {'SHM', 'UDPv4'}
+    assert kinds['SHM'].findtext('dds:segment_size', namespaces=ns) == str(32 * 1024 * 1024)
+    assert [a.text for a in kinds['UDPv4'].iterfind('.//dds:interfaceWhiteList/dds:address', ns)] == ['127.0.0.1']
+    participant = root.find('.//dds:participant', ns)
+    assert participant.get('is_default_profile') == 'true'
+    assert participant.findtext('.//dds:useBuiltinTransports', namespaces=ns) == 'false'
+    assert {t.text for t in participant.iterfind('.//dds:userTransports/dds:transport_id', ns)} == set(transports)
+
+
+def test_isolation_environments() -> None:
+    import os
+
+    from lsm_ros.ros import isolation
+    # this test session itself (test/conftest.py)
+    assert os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
+    assert 1 <= int(os.environ['ROS_DOMAIN_ID']) <= 101
+    assert os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] == str(REPO / 'config' / 'fastdds_localhost.xml')
+    # tests and demos: always localhost; an explicit domain id is kept, else one per process
+    environ = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET', 'ROS_DOMAIN_ID': '42'}
+    values = isolation.apply_localhost_only_environment(environ=environ)
+    assert environ == values == {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_DOMAIN_ID': '42',
+                                 'FASTDDS_DEFAULT_PROFILES_FILE': str(REPO / 'config' / 'fastdds_localhost.xml')}
+    assert isolation.localhost_only_environment(environ={})['ROS_DOMAIN_ID'] == str(isolation.domain_id_for_process())
+    assert isolation.localhost_only_environment(7, environ={'ROS_DOMAIN_ID': '42'})['ROS_DOMAIN_ID'] == '7'
+    assert all(1 <= isolation.domain_id_for_process(pid) <= 101 for pid in range(0, 1000, 7))
+    with pytest.raises(ValueError):
+        isolation.localhost_only_environment(environ={'ROS_DOMAIN_ID': 'abc'})
+    # lsm_node's own main: a deployment's settings are respected; unset discovery range -> localhost
+    deployment = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET', 'ROS_DOMAIN_ID': '3'}
+    isolation.apply_node_environment_defaults(deployment)
+    assert deployment == {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET', 'ROS_DOMAIN_ID': '3'}
+    development: dict[str, str] = {}
+    isolation.apply_node_environment_defaults(development)
+    assert development == {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
+                           'FASTDDS_DEFAULT_PROFILES_FILE': str(REPO / 'config' / 'fastdds_localhost.xml')}
+
+
+def test_reserved_domain_ids_differ_between_processes(tmp_path: Path) -> None:
+    import subprocess
+
+    from lsm_ros.ros.isolation import reserve_domain_id
+    mine = reserve_domain_id(tmp_path)
+    assert reserve_domain_id(tmp_path) == mine                          # stable within a process
+    code = ('import sys; from lsm_ros.ros.isolation import reserve_domain_id; '
+            f'print(reserve_domain_id({str(tmp_path)!r}))')
+    other = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=REPO,
+                           env={'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(REPO)})
+    assert int(other.stdout.strip()) != mine

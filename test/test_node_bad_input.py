@@ -1,0 +1,134 @@
+"""Bad input to lsm_node: each bad pair is rejected with a clear warning and no output; the node goes on."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from conftest import ProductCollector, SpinningExecutor, StereoPublisher, make_lsm_node, wait_until
+from rcl_interfaces.msg import Log
+from sensor_msgs.msg import Image
+
+from lsm_ros.ros import conversions
+from lsm_ros.ros import node as lsm
+
+pytestmark = pytest.mark.timeout(180)
+MS = 1_000_000
+
+
+@pytest.fixture(scope='module')
+def harness(ros_context: Any, tiny_reconstructor: Any) -> Iterator[tuple[Any, ProductCollector, StereoPublisher]]:
+    executor = SpinningExecutor(ros_context)
+    # log_throttle_s 0: every warning is logged, so each one can be checked on /rosout
+    node = executor.add(make_lsm_node(tiny_reconstructor, ros_context, namespace='bad_input', log_throttle_s=0.0))
+    collector = ProductCollector(ros_context, node)
+    executor.add(collector.node)
+    publisher = StereoPublisher(ros_context)
+    executor.add(publisher.node)
+    try:
+        assert wait_until(lambda: publisher.connected() and collector.connected(), 30.0), 'discovery failed'
+        yield node, collector, publisher
+    finally:
+        executor.close()
+
+
+def _with(image: Image, **fields: Any) -> Image:
+    out = copy.copy(image)
+    for name, value in fields.items():
+        setattr(out, name, conversions.byte_array(value) if name == 'data' else value)
+    return out
+
+
+def _cropped(image: Image, width: int) -> Image:
+    channels = conversions.COLOR_ENCODINGS[image.encoding][0]
+    rows = np.frombuffer(image.data, np.uint8).reshape(image.height, image.step)
+    return _with(image, width=width, step=width * channels, data=rows[:, :width * channels].copy())
+
+
+def _rejected(node: Any) -> dict[str, int]:
+    return dict(node.statistics()['rejected'])
+
+
+def _expect_rejection(node: Any, collector: ProductCollector, reason: str, log_fragment: str,
+                      publish: Any) -> int:
+    before = _rejected(node).get(reason, 0)
+    logs_before = len(collector.logs)
+    stamp_ns = publish()
+    assert wait_until(lambda: _rejected(node).get(reason, 0) > before, 10.0), (reason, node.statistics())
+    assert wait_until(lambda: any(log_fragment in m.msg and m.level == Log.WARN
+                                  for m in collector.logs[logs_before:]), 10.0), \
+        (log_fragment, [m.msg for m in collector.logs[logs_before:]])
+    return stamp_ns
+
+
+def test_bad_pairs_are_rejected_and_a_good_pair_still_works(harness: Any, stereo_frames: list[Any]) -> None:
+    node, collector, publisher = harness
+    frame, later = stereo_frames[0], stereo_frames[1]
+    stamp = frame.stamp_ns
+    good = publisher.publish(frame)
+    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, good), 60.0), node.statistics()
+
+    left, right = frame.left_image, frame.right_image
+    bad_stamps = [
+        _expect_rejection(node, collector, lsm.REJECT_SIZE_MISMATCH, 'same size', lambda: publisher.publish(
+            frame, stamp + 10 * MS, right_image=_cropped(right, right.width - 64))),
+        _expect_rejection(node, collector, lsm.REJECT_ENCODING, "'16UC1'", lambda: publisher.publish(
+            frame, stamp + 20 * MS, left_image=_with(left, encoding='16UC1', step=2 * left.width,
+                                                       data=bytes(2 * left.width * left.height)))),
+        _expect_rejection(node, collector, lsm.REJECT_ENCODING, "'yuv422'", lambda: publisher.publish(
+            frame, stamp + 30 * MS, right_image=_with(right, encoding='yuv422', step=2 * right.width,
+                                                        data=bytes(2 * right.width * right.height)))),
+        _expect_rejection(node, collector, lsm.REJECT_IMAGE_DATA, 'truncated', lambda: publisher.publish(
+            frame, stamp + 40 * MS, left_image=_with(left, data=bytes(left.data)[:len(left.data) // 2]))),
+        # no CameraInfo within camera_info_tolerance_s (0.5 s) of this stamp
+        _expect_rejection(node, collector, lsm.REJECT_NO_CAMERA_INFO, 'use_camera_info:=false',
+                          lambda: publisher.publish(frame, stamp + 10_000 * MS, with_camera_info=False)),
+        # older than the last pair
+        _expect_rejection(node, collector, lsm.REJECT_STALE, 'not newer', lambda: publisher.publish(
+            frame, stamp + 50 * MS)),
+    ]
+    # too old for max_input_age_s (the bag's stamps are years old)
+    node.set_parameters([_parameter('max_input_age_s', 1.0)])
+    try:
+        bad_stamps.append(_expect_rejection(node, collector, lsm.REJECT_TOO_OLD, 'max_input_age_s',
+                                            lambda: publisher.publish(later, stamp + 20_000 * MS)))
+    finally:
+        node.set_parameters([_parameter('max_input_age_s', 0.0)])
+
+    assert node.statistics()['worker']['failed'] == 0
+    recovered = publisher.publish(later, stamp + 30_000 * MS)
+    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, recovered), 60.0), node.statistics()
+    assert wait_until(lambda: all(collector.by_stamp(k, recovered) for k in lsm.OUTPUT_TOPICS), 10.0)
+    for key in lsm.OUTPUT_TOPICS:                     # nothing was published for any bad pair
+        for bad in bad_stamps:
+            assert collector.by_stamp(key, bad) == [], (key, bad)
+    statistics = node.statistics()
+    assert statistics['counts']['processed'] == 2
+    assert statistics['worker']['submitted'] == 2
+
+
+def test_camera_info_of_another_size_is_rejected_and_use_camera_info_false_estimates(
+        harness: Any, stereo_frames: list[Any]) -> None:
+    node, collector, publisher = harness
+    frame = stereo_frames[2]
+    base = frame.stamp_ns + 100_000 * MS
+    small_left = _cropped(frame.left_image, frame.left_image.width - 64)
+    small_right = _cropped(frame.right_image, frame.right_image.width - 64)
+    _expect_rejection(node, collector, lsm.REJECT_BAD_CAMERA_INFO, 'CameraInfo is for', lambda: publisher.publish(
+        frame, base, left_image=small_left, right_image=small_right))
+    node.set_parameters([_parameter('use_camera_info', False)])
+    try:
+        stamp_ns = publisher.publish(frame, base + 1_000 * MS, left_image=small_left, right_image=small_right,
+                                     with_camera_info=False)
+        assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), 60.0), node.statistics()
+        info = collector.by_stamp(lsm.INFO_TOPIC, stamp_ns)[0]
+        assert info.intrinsics_source == 'estimated' and not info.metric_scale and info.baseline_m == 0.0
+        assert info.scale_source == 'none' and info.scale_factor == 1.0
+    finally:
+        node.set_parameters([_parameter('use_camera_info', True)])
+
+
+def _parameter(name: str, value: Any) -> Any:
+    from rclpy.parameter import Parameter
+    return Parameter(name, value=value)
