@@ -38,7 +38,7 @@ def _image_pair() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope='module')
-def tiny_reconstructor():
+def reconstructor_224():
     return Reconstructor.from_config(Dust3rConfig.tiny(), seed=1, device='cpu', resolution=224)
 
 
@@ -56,9 +56,9 @@ def small_checkpoint(tmp_path_factory):
     return path, net
 
 
-def test_reconstruction_shapes_frames_and_estimated_cameras(tiny_reconstructor):
+def test_reconstruction_shapes_frames_and_estimated_cameras(reconstructor_224):
     left, right = _image_pair()
-    rec = tiny_reconstructor.reconstruct(left, right)
+    rec = reconstructor_224.reconstruct(left, right)
     H, W = rec.depth_1.shape
     assert (W, H) == (224, 224) and rec.size == (224, 224)
     for name in ('pts3d_1', 'pts3d_2'):
@@ -80,20 +80,20 @@ def test_reconstruction_shapes_frames_and_estimated_cameras(tiny_reconstructor):
     assert len(strict['xyz']) < len(cloud['xyz']) and (strict['confidence'] >= np.median(rec.conf_1)).all()
 
 
-def test_network_outputs_equal_a_direct_forward(tiny_reconstructor):
+def test_network_outputs_equal_a_direct_forward(reconstructor_224):
     left, right = _image_pair()
-    rec = tiny_reconstructor.reconstruct(left, right)
+    rec = reconstructor_224.reconstruct(left, right)
     v1, v2 = preprocess_pair(left, right, 224)
     with torch.no_grad():
-        direct = tiny_reconstructor.network(v1.tensor, v2.tensor)
+        direct = reconstructor_224.network(v1.tensor, v2.tensor)
     for key in ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2'):
         np.testing.assert_array_equal(rec.network_outputs[key], direct[key].numpy())
 
 
-def test_given_intrinsics_are_mapped_to_model_resolution_and_baseline_makes_metres(tiny_reconstructor):
+def test_given_intrinsics_are_mapped_to_model_resolution_and_baseline_makes_metres(reconstructor_224):
     left, right = _image_pair()
     K = np.array([[400.0, 0, 256.0], [0, 400.0, 192.0], [0, 0, 1]])
-    rec = tiny_reconstructor.reconstruct(left, right, CameraCalibration(K, K, baseline_m=0.12, source='camera_info'))
+    rec = reconstructor_224.reconstruct(left, right, CameraCalibration(K, K, baseline_m=0.12, source='camera_info'))
     assert rec.intrinsics_source == 'camera_info'
     np.testing.assert_allclose(rec.K_1, rec.crop_1.intrinsics_to_model(K))
     np.testing.assert_allclose(rec.crop_1.intrinsics_to_input(rec.K_1), K, atol=1e-9)

@@ -399,7 +399,8 @@ class LsmNode(Node):
             intrinsics_source=result.intrinsics_source, width=int(width), height=int(height),
             k_left=np.asarray(result.K_1, dtype=np.float64).ravel().tolist(),
             k_right=np.asarray(result.K_2, dtype=np.float64).ravel().tolist(),
-            num_points=int(points['xyz'].shape[0]), pose_inliers=int(result.pose.num_inliers),
+            num_points=int(points['xyz'].shape[0]), pose_valid=bool(result.pose.success),
+            pose_inliers=int(result.pose.num_inliers),
             inference_time_s=float(result.timings_s.get('network', 0.0)))
         latency_s = time.monotonic() - pair.received_s
         info.total_time_s = float(latency_s)

@@ -1,0 +1,269 @@
+"""Safe loading of official DUSt3R checkpoints (``DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth``) into :class:`Dust3rNet`.
+
+Safety rules: checkpoint files are read with ``torch.load(weights_only=True)`` and an allow-list of exactly one
+extra global (``argparse.Namespace``); the model constructor string in ``args.model`` is parsed with :mod:`ast`
+and only literals are accepted. Nothing from a checkpoint is ever executed.
+
+Official file layout: ``{'args': Namespace(model="AsymmetricCroCo3DStereo(...)"), 'model': state_dict}``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .dust3r import CLASS_NAME, Dust3rConfig, Dust3rNet
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_GLOBALS = (argparse.Namespace,)
+UNUSED_OFFICIAL_KEYS = frozenset({'mask_token'})  # CroCo's masked-pretraining token, unused at inference
+_NAMED_CONSTANTS = {'inf': math.inf, 'nan': math.nan, 'True': True, 'False': False, 'None': None}
+_SHOWN = 5  # keys listed per kind of mismatch in error messages
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file or its content cannot be used (missing, unsafe, malformed or not matching the model)."""
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu') -> Any:
+    """Read a ``torch.save`` file without executing code: ``weights_only=True`` plus ``argparse.Namespace``.
+
+    Raises CheckpointError when the file is missing, is not a PyTorch checkpoint, or its pickle needs any
+    other global (the message names the refused global).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint file not found: {path}')
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r'GLOBAL ([\w.]+)', str(err))
+        what = f'the global {refused.group(1)!r}' if refused else 'a pickle instruction that is not allowed'
+        raise CheckpointError(
+            f'refused to load {path}: it needs {what}. Only tensors, plain containers and argparse.Namespace are '
+            'allowed; code from checkpoints is never executed.') from None
+    except Exception as err:  # torch raises RuntimeError, KeyError, EOFError, ... for non-checkpoint files
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})') from err
+
+
+# ------------------------------------------------------------------------------------------------ constructor strings
+def parse_constructor_string(text: str) -> tuple[str, dict[str, Any]]:
+    """``"ClassName(key=value, ...)"`` -> ("ClassName", {key: value}) without evaluating anything.
+
+    Values may be str/int/float/bool/None literals, tuples, lists, dicts (nested), unary +/- on numbers and the
+    names inf, nan, True, False, None. Anything else (calls, attribute access, other names, lambdas, operators,
+    positional or ** arguments) raises CheckpointError.
+    """
+    if not isinstance(text, str):
+        raise CheckpointError(f'constructor string must be a str, got {type(text).__name__}')
+    try:
+        tree = ast.parse(text.strip(), mode='eval')
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        raise CheckpointError(f'constructor string is not valid syntax: {err}') from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+        raise CheckpointError(f'constructor string must look like ClassName(key=value, ...), got {text[:80]!r}')
+    if call.args:
+        raise CheckpointError(f'positional arguments are not accepted in {text[:80]!r}')
+    kwargs: dict[str, Any] = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            raise CheckpointError('** unpacking is not accepted in a constructor string')
+        kwargs[keyword.arg] = _literal(keyword.value)
+    return call.func.id, kwargs
+
+
+def _literal(node: ast.expr) -> Any:
+    if isinstance(node, ast.Constant) and (node.value is None or type(node.value) in (str, int, float, bool)):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _NAMED_CONSTANTS:
+        return _NAMED_CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand)
+        if type(value) not in (int, float):
+            raise CheckpointError(f'unary sign on a non-number: {ast.unparse(node)[:60]!r}')
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(key is None for key in node.keys):
+            raise CheckpointError('** unpacking is not accepted in a constructor string')
+        try:
+            return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+        except TypeError as err:  # unhashable key
+            raise CheckpointError(f'bad dict key in constructor string: {err}') from None
+    raise CheckpointError(
+        f'refused {type(node).__name__} {ast.unparse(node)[:60]!r} in a constructor string: only literals, '
+        'tuples, lists, dicts, unary minus and inf/nan/True/False/None are accepted (nothing is evaluated)')
+
+
+# ------------------------------------------------------------------------------------------------ key mapping
+def _renames() -> list[tuple[str, str]]:
+    """(official prefix, our prefix) pairs; a key is renamed by the one pair whose official prefix it starts with."""
+    pairs = [(p, p) for p in ('patch_embed.proj.', 'enc_blocks.', 'enc_norm.', 'decoder_embed.', 'dec_blocks2.',
+                              'dec_norm.')]
+    pairs.append(('dec_blocks.', 'dec_blocks1.'))
+    for head in (1, 2):
+        official, ours = f'downstream_head{head}.dpt.', f'head{head}.'
+        for level in range(4):
+            pairs += [
+                (f'{official}act_postprocess.{level}.0.', f'{ours}reassemble.{level}.project.'),
+                (f'{official}act_postprocess.{level}.1.', f'{ours}reassemble.{level}.resample.'),
+                (f'{official}scratch.layer{level + 1}_rn.', f'{ours}feature_convs.{level}.'),
+                (f'{official}scratch.refinenet{level + 1}.resConfUnit1.', f'{ours}fusion.{level}.residual1.'),
+                (f'{official}scratch.refinenet{level + 1}.resConfUnit2.', f'{ours}fusion.{level}.residual2.'),
+                (f'{official}scratch.refinenet{level + 1}.out_conv.', f'{ours}fusion.{level}.out_conv.'),
+            ]
+        pairs += [(f'{official}head.{index}.', f'{ours}output.{name}.')
+                  for index, name in ((0, 'conv1'), (2, 'conv2'), (4, 'conv3'))]
+    return pairs
+
+
+KEY_RENAMES: tuple[tuple[str, str], ...] = tuple(_renames())
+# official alias key -> the canonical official key holding the same tensor
+ALIASES: dict[str, str] = {
+    f'downstream_head{head}.dpt.scratch.layer_rn.{level}.weight':
+        f'downstream_head{head}.dpt.scratch.layer{level + 1}_rn.weight'
+    for head in (1, 2) for level in range(4)}
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    for source, target in table:
+        if key.startswith(source):
+            return target + key[len(source):]
+    return None
+
+
+def official_key_to_ours(key: str) -> str | None:
+    """Official DUSt3R state-dict key -> our module key, or None when no rule covers it."""
+    return _rename(key, KEY_RENAMES)
+
+
+def our_key_to_official(key: str) -> str | None:
+    """Our module key -> official DUSt3R state-dict key, or None when no rule covers it."""
+    return _rename(key, tuple((ours, official) for official, ours in KEY_RENAMES))
+
+
+def map_official_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Official DUSt3R state dict -> (state dict with our keys, official keys no rule covers).
+
+    Drops ``mask_token`` and the ``scratch.layer_rn.*`` aliases; an alias whose canonical key is present must hold
+    an equal tensor (else CheckpointError). Values are passed through unchanged (no copy).
+    """
+    mapped: dict[str, Any] = {}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        if key in UNUSED_OFFICIAL_KEYS:
+            continue
+        if key in ALIASES:
+            canonical = state_dict.get(ALIASES[key])
+            if canonical is None:
+                unmapped.append(key)
+            elif not (isinstance(value, Tensor) and isinstance(canonical, Tensor)
+                      and value.shape == canonical.shape and torch.equal(value, canonical)):
+                raise CheckpointError(f'alias {key} differs from {ALIASES[key]}; they must be the same tensor')
+            continue
+        ours = official_key_to_ours(key)
+        if ours is None:
+            unmapped.append(key)
+        else:
+            mapped[ours] = value
+    return mapped, unmapped
+
+
+def to_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict -> the official DUSt3R layout, including the ``scratch.layer_rn.*`` aliases (the same tensor
+    objects as their canonical keys). ``mask_token`` is not produced (not part of our network)."""
+    official: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        name = our_key_to_official(key)
+        if name is None:
+            raise KeyError(f'no official name for {key}')
+        official[name] = value
+    for alias, canonical in ALIASES.items():
+        if canonical in official:
+            official[alias] = official[canonical]
+    return official
+
+
+# ------------------------------------------------------------------------------------------------ loading the model
+def _examples(items: list[str]) -> str:
+    shown = ', '.join(items[:_SHOWN])
+    return shown + (f', ... ({len(items) - _SHOWN} more)' if len(items) > _SHOWN else '')
+
+
+def _config_from_args(checkpoint: Mapping[str, Any]) -> Dust3rConfig:
+    args = checkpoint.get('args')
+    text = args.get('model') if isinstance(args, Mapping) else getattr(args, 'model', None)
+    if not isinstance(text, str):
+        raise CheckpointError("checkpoint has no constructor string in args.model; pass config= for a plain "
+                              "state dict")
+    class_name, kwargs = parse_constructor_string(text)
+    if class_name != CLASS_NAME:
+        raise CheckpointError(f'checkpoint builds {class_name!r}, expected {CLASS_NAME!r}')
+    try:
+        return Dust3rConfig.from_constructor_kwargs(kwargs)
+    except ValueError as err:
+        raise CheckpointError(f'unsupported model configuration in checkpoint: {err}') from None
+
+
+def load_dust3r_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], device: str | torch.device = 'cpu',
+                           config: Dust3rConfig | None = None) -> Dust3rNet:
+    """Build a :class:`Dust3rNet` (eval mode, on ``device``) from an official DUSt3R checkpoint.
+
+    source: a checkpoint path, an already loaded checkpoint dict ``{'args': ..., 'model': ...}``, or, together with
+    ``config``, a plain official-layout state dict. With ``config`` given, ``args`` is not read.
+    Tensors of a dict source become the model's parameters without a copy (on CPU): do not modify them afterwards.
+    Raises CheckpointError naming missing keys, unexpected keys and shape mismatches.
+    """
+    checkpoint = load_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'checkpoint must be a dict, got {type(checkpoint).__name__}')
+    if config is None:
+        config = _config_from_args(checkpoint)
+        state = checkpoint.get('model')
+    else:
+        state = checkpoint['model'] if isinstance(checkpoint.get('model'), Mapping) else checkpoint
+    if not isinstance(state, Mapping):
+        raise CheckpointError("checkpoint has no state dict under 'model'")
+
+    with torch.device('meta'):
+        net = Dust3rNet(config)
+    expected = net.state_dict()
+    mapped, unexpected = map_official_state_dict(state)
+    unexpected += [our_key_to_official(k) or k for k in mapped if k not in expected]
+    missing = [our_key_to_official(k) or k for k in expected if k not in mapped]
+    mismatched = []
+    for key, value in mapped.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            mismatched.append(f'{our_key_to_official(key)}: not a float tensor ({type(value).__name__})')
+        elif value.shape != expected[key].shape:
+            mismatched.append(f'{our_key_to_official(key)}: checkpoint {tuple(value.shape)} vs model '
+                              f'{tuple(expected[key].shape)}')
+    if missing or unexpected or mismatched:
+        problems = [f'{len(items)} {kind}: {_examples(items)}' for kind, items in
+                    (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched))
+                    if items]
+        raise CheckpointError('checkpoint does not match the DUSt3R network; ' + '; '.join(problems))
+    net.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True, assign=True)
+    logger.info('loaded DUSt3R: encoder %dx%d, decoder %dx%d, %.1f M parameters', config.enc_embed_dim,
+                config.enc_depth, config.dec_embed_dim, config.dec_depth,
+                sum(p.numel() for p in net.parameters()) / 1e6)
+    return net.to(device).eval()
