@@ -92,7 +92,7 @@ def test_every_product_of_a_stereo_pair(graph: Graph, stereo_frames: list[Any]) 
     assert info.metric_scale and info.scale_source == 'stereo_baseline' and info.scale_factor > 0
     assert info.baseline_m == pytest.approx(conversions.stereo_baseline_from_camera_info(frame.right_info))
     assert info.intrinsics_source == 'camera_info'
-    assert info.pose_inliers > 0
+    assert info.pose_valid and info.pose_inliers > 0
     assert 0 < info.inference_time_s <= info.total_time_s < MAX_LATENCY_S
 
     cloud_msg = collector.by_stamp(lsm.POINTS_TOPIC, stamp_ns)[0]
