@@ -195,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reconstructor = build_reconstructor(args, allow_untrained=True)
     warn_untrained(reconstructor)
     summary = run_demo(Path(args.out), bag=Path(args.bag) if args.bag else None, max_pairs=args.max_pairs,
-                       reconstructor=reconstructor)
+                       reconstructor=reconstructor, realtime=args.realtime, rate=args.rate)
     warn_untrained(reconstructor)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--out', default='demo_out', help='output folder (default demo_out)')
     demo.add_argument('--bag', default='', help='rosbag2 folder or file with /stereo/{left,right}/... topics')
     demo.add_argument('--max-pairs', type=int, default=5, help='stereo pairs to play (default 5)')
+    demo.add_argument('--realtime', action='store_true',
+                      help='play at the bag\'s timing (scaled by --rate) instead of one pair at a time: slow '
+                           'inference then drops pairs ("latest pair wins")')
+    demo.add_argument('--rate', type=float, default=1.0, help='playback rate factor with --realtime (default 1)')
     add_weights_arguments(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -191,3 +191,16 @@ def test_lsm_checkpoint_names_its_dust3r_file(tmp_path, small_checkpoint):
     torch.save({'args': argparse.Namespace(model=f'LSM_Dust3R(config={config!r})'), 'model': {}}, lsm)
     with pytest.raises(CheckpointError, match='does not exist'):
         dust3r_path_from_lsm_checkpoint(str(lsm))
+
+
+def test_cli_demo_runs_the_node_on_a_bag_and_says_untrained(tmp_path, monkeypatch, reconstructor_224, caplog):
+    import lsm_ros.cli as cli
+    monkeypatch.setattr(cli, 'build_reconstructor', lambda args, allow_untrained: reconstructor_224)
+    out = tmp_path / 'demo'
+    with caplog.at_level('WARNING', logger='lsm_ros.cli'):
+        assert main(['demo', '--out', str(out), '--max-pairs', '1']) == 0
+    assert 'UNTRAINED WEIGHTS' in caplog.text
+    summary = json.loads((out / 'summary.json').read_text())
+    assert (out / 'points_0000.ply').is_file() and (out / 'README.txt').is_file()
+    assert 'UNTRAINED' in (out / 'README.txt').read_text()
+    assert summary['files'], summary
