@@ -1,0 +1,41 @@
+"""Our implementation of the reference weight rule (used by the demo and --reference-weights) gives the very
+tensors of the reference's own generator, gains and aliases included, in the official DUSt3R file layout."""
+import sys
+
+import pytest
+import torch
+
+from lsm_ros import reference_weights
+from lsm_ros.model.checkpoint import map_official_state_dict
+
+REFERENCE = reference_weights.find_reference_dir()
+if REFERENCE is None:
+    pytest.skip('reference folder ../shared/reference/lsm_vitl_256 not found', allow_module_level=True)
+sys.path.insert(0, str(REFERENCE.parent))
+import lsmref  # noqa: E402
+
+
+def test_rule_matches_the_reference_generator_on_sampled_entries():
+    config = lsmref.read_config(str(REFERENCE))
+    gains = config['weight_rule_gains']
+    rows = lsmref.read_manifest(str(REFERENCE))
+    picked = [r for r in rows if r[0] in gains or r[3]] + rows[::97]  # gained, aliased, and a spread of others
+    ours = reference_weights.generate_reference_state_dict(REFERENCE, tuple(r[0] for r in picked), progress=False)
+    for name, shape, dtype, alias in picked:
+        source = alias or name
+        expected = lsmref.ref_tensor(source, shape, getattr(torch, dtype), config['base_seed'], gains.get(source))
+        assert torch.equal(ours[name], expected), name
+    assert any(r[0] in gains for r in picked) and any(r[3] for r in picked)
+
+
+def test_dust3r_checkpoint_has_the_official_layout_and_maps_completely(monkeypatch):
+    # only the keys and the constructor string are checked here: generate shapes, not the 2.3 GB of values
+    monkeypatch.setattr(reference_weights, 'reference_tensor',
+                        lambda name, shape, dtype, seed, gain=None: torch.empty(0))
+    checkpoint = reference_weights.reference_dust3r_checkpoint(REFERENCE, progress=False)
+    assert checkpoint['args'].model.startswith('AsymmetricCroCo3DStereo(')
+    assert 'enc_blocks.0.attn.qkv.weight' in checkpoint['model']
+    assert not any(k.startswith('dust3r.') for k in checkpoint['model'])
+    mapped, unmapped = map_official_state_dict(checkpoint['model'])
+    assert set(unmapped) <= {'mask_token'}
+    assert len(mapped) > 900
