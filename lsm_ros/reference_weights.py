@@ -21,6 +21,8 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from lsm_ros.shared_data import shared_directory
+
 _log = logging.getLogger(__name__)
 
 WEIGHT_RULE = 'lsmref-v1'
@@ -29,13 +31,11 @@ REFERENCE_NAME = 'lsm_vitl_256'
 
 
 def find_reference_dir() -> Path | None:
-    """The reference folder: ``$LSM_ROS_REFERENCE``, else ``<repo>/../shared/reference/lsm_vitl_256``."""
+    """The reference folder: ``$LSM_ROS_REFERENCE``, else ``reference/lsm_vitl_256`` of the shared folder."""
     candidates = []
     if os.environ.get('LSM_ROS_REFERENCE'):
         candidates.append(Path(os.environ['LSM_ROS_REFERENCE']))
-    if os.environ.get('LSM_ROS_SHARED'):
-        candidates.append(Path(os.environ['LSM_ROS_SHARED']) / 'reference' / REFERENCE_NAME)
-    candidates.append(Path(__file__).resolve().parents[2] / 'shared' / 'reference' / REFERENCE_NAME)
+    candidates.append(shared_directory() / 'reference' / REFERENCE_NAME)
     for path in candidates:
         if (path / 'manifest.tsv').is_file() and (path / 'config.json').is_file():
             return path

@@ -46,10 +46,9 @@ def reconstructor_224():
 def small_checkpoint(tmp_path_factory):
     """A small random DUSt3R in the official file layout ({'args': Namespace(model=...), 'model': ...})."""
     torch.manual_seed(0)
-    from lsm_ros.model.checkpoint import load_checkpoint_file, parse_constructor_string  # noqa: F401
-    from lsm_ros.model.dust3r import Dust3rConfig as Config
+    from lsm_ros.model.checkpoint import parse_constructor_string
     _, kwargs = parse_constructor_string(SMALL_CONSTRUCTOR)
-    net = Dust3rNet(Config.from_constructor_kwargs(kwargs))
+    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(kwargs))
     path = tmp_path_factory.mktemp('weights') / 'dust3r_small.pth'
     torch.save({'args': argparse.Namespace(model=SMALL_CONSTRUCTOR),
                 'model': to_official_state_dict(net.state_dict())}, path)

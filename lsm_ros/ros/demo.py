@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -50,6 +49,7 @@ from lsm_ros.ros.node import (INFO_TOPIC, LEFT_DEPTH_TOPIC, LEFT_IMAGE_TOPIC, LE
                               POINTS_TOPIC, RELATIVE_POSE_TOPIC, RIGHT_DEPTH_TOPIC, RIGHT_IMAGE_TOPIC, RIGHT_INFO_TOPIC,
                               RIGHT_MODEL_INFO_TOPIC, TF_TOPIC, LsmNode)
 from lsm_ros.ros.synthetic import write_synthetic_stereo_bag
+from lsm_ros.shared_data import shared_directory
 
 _log = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ RECORDER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability
 _PRODUCT_TYPES = {POINTS_TOPIC: PointCloud2, LEFT_DEPTH_TOPIC: Image, RIGHT_DEPTH_TOPIC: Image,
                   LEFT_MODEL_INFO_TOPIC: CameraInfo, RIGHT_MODEL_INFO_TOPIC: CameraInfo,
                   RELATIVE_POSE_TOPIC: PoseStamped, INFO_TOPIC: ReconstructionInfo}
-
-
-def shared_directory() -> Path:
-    """The project's shared data folder: $LSM_ROS_SHARED, else ``<repository>/../shared``."""
-    return Path(os.environ.get('LSM_ROS_SHARED') or Path(__file__).resolve().parents[3] / 'shared')
 
 
 def default_bag(out_dir: Path) -> tuple[Path, str]:
