@@ -73,6 +73,11 @@ def invert_pose(T_a_b: np.ndarray) -> np.ndarray:
     return T_b_a
 
 
+def reference_focal(height: int, width: int) -> float:
+    """Focal (pixels) of a 60-degree field of view over the longer image side (DUSt3R's ``focal_base``)."""
+    return max(height, width) / (2 * np.tan(_HALF_FOV_REFERENCE_RAD))
+
+
 def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
     """(3,3) pinhole camera matrix."""
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
@@ -124,7 +129,7 @@ def estimate_focal_weiszfeld(pts3d: Any, principal_point: tuple[float, float] | 
     centred_pixels = np.stack([cols, rows], axis=-1) - np.asarray(principal_point, dtype=np.float64)
 
     focal = _weiszfeld_focal(xy_over_z, centred_pixels, iterations)
-    focal_base = max(height, width) / (2 * np.tan(_HALF_FOV_REFERENCE_RAD))
+    focal_base = reference_focal(height, width)
     return float(np.clip(focal, min_focal * focal_base, max_focal * focal_base))
 
 

@@ -86,10 +86,10 @@ def read_image(path: str) -> np.ndarray:
 
 
 def _matrix_from(value, what: str) -> np.ndarray:
+    from lsm_ros.cameras import intrinsics_matrix
     array = np.asarray(value, dtype=np.float64)
     if array.shape == (4,):
-        fx, fy, cx, cy = array
-        array = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64)
+        array = intrinsics_matrix(*array)
     elif array.shape == (9,):
         array = array.reshape(3, 3)
     if array.shape != (3, 3):

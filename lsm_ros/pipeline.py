@@ -13,6 +13,7 @@ x right, y down, z forward).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
@@ -173,7 +174,6 @@ class Reconstructor:
             raise CheckpointError('no DUSt3R checkpoint given: pass dust3r=... (DUSt3R_ViTLarge_BaseDecoder_512_dpt'
                                   '.pth) or an LSM checkpoint whose config names an existing DUSt3R file')
         if lseg is not None:
-            import os
             if not os.path.isfile(lseg):
                 raise CheckpointError(f'LSeg checkpoint not found: {lseg}')
         device = resolve_device(config.device)
@@ -281,14 +281,13 @@ def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:
     try:
         focal = cameras.estimate_focal_weiszfeld(pts3d, min_focal=FOCAL_BOUNDS[0], max_focal=FOCAL_BOUNDS[1])
     except ValueError as exc:
-        focal = max(height, width) / (2 * np.tan(np.deg2rad(30.0)))
+        focal = cameras.reference_focal(height, width)
         _log.warning('focal estimation failed (%s): using the 60-degree-FOV focal %.1f px', exc, focal)
     return cameras.intrinsics_matrix(focal, focal, width / 2.0, height / 2.0)
 
 
 def dust3r_path_from_lsm_checkpoint(lsm_path: str) -> str:
     """The DUSt3R file named by an LSM checkpoint's ``args.model`` config (``dust3r_config``)."""
-    import os
     ckpt = load_checkpoint_file(lsm_path)
     args = ckpt.get('args')
     model_string = getattr(args, 'model', None)
