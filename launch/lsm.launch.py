@@ -4,7 +4,9 @@
         left_image:=/stereo/left/image_rect right_image:=/stereo/right/image_rect use_rviz:=true
 
 The node runs in ``namespace`` (default ``lsm``): its products are ``/lsm/lsm_node/{points, left/depth,
-right/depth, left/camera_info, right/camera_info, relative_pose, info}``. Parameters come from ``params_file``
+right/depth, left/camera_info, right/camera_info, relative_pose, info}``, with the semantic model
+(lsm_checkpoint) also ``semantic/labels``, ``semantic/overlay`` and the text-query service ``query``.
+Parameters come from ``params_file``
 (default: the package's config/lsm.yaml); the arguments device, *_checkpoint and publish_tf override it only
 when they are not empty.
 

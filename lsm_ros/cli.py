@@ -3,6 +3,7 @@
     lsm-ros reconstruct LEFT RIGHT --out DIR [--dust3r-checkpoint F] [--lsm-checkpoint F] [--lseg-checkpoint F]
                                              [--device auto|cpu|cuda] [--resolution 224|256|512]
                                              [--intrinsics fx,fy,cx,cy | FILE] [--baseline METRES]
+                                             [--query PHRASE ...] [--threshold P]   # semantic model only
     lsm-ros demo [--out DIR] [--bag PATH] [--max-pairs N]    # the node on a stereo bag, products to DIR
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ import numpy as np
 _log = logging.getLogger('lsm_ros.cli')
 
 RECONSTRUCTION_NPZ = 'reconstruction.npz'
+GAUSSIANS_PLY = 'gaussians.ply'
+QUERY_JSON = 'query.json'
+MASKS_DIR = 'masks'
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -42,11 +46,12 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
 def build_reconstructor(args: argparse.Namespace, *, allow_untrained: bool):
     """A :class:`~lsm_ros.pipeline.Reconstructor` from the parsed options.
 
-    Official files when given; else, if ``args.reference_weights`` or ``allow_untrained``, the reference weights
-    (or, without the reference folder, seeded random weights at the official size), with a loud warning."""
+    Official files when given (the LSM file: full model; the DUSt3R file alone: geometry only); else, if
+    ``args.reference_weights`` or ``allow_untrained``, the full LSM with the reference weights (or, without the
+    reference folder, seeded random weights at the official size), with a loud warning."""
     from lsm_ros.config import PipelineConfig
     from lsm_ros.pipeline import Reconstructor
-    from lsm_ros.reference_weights import find_reference_dir, reference_dust3r_checkpoint
+    from lsm_ros.reference_weights import find_reference_dir
 
     config = PipelineConfig(dust3r_checkpoint=args.dust3r_checkpoint, lseg_checkpoint=args.lseg_checkpoint,
                             lsm_checkpoint=args.lsm_checkpoint, device=args.device, resolution=args.resolution,
@@ -54,14 +59,12 @@ def build_reconstructor(args: argparse.Namespace, *, allow_untrained: bool):
     if args.dust3r_checkpoint or args.lsm_checkpoint:
         return Reconstructor.from_checkpoints(config=config)
     if not (args.reference_weights or allow_untrained):
-        raise SystemExit('lsm-ros: no weights given. Pass the official files (--dust3r-checkpoint '
-                         'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth, or --lsm-checkpoint checkpoint-final.pth), or '
-                         '--reference-weights to run the real network with untrained reference weights.')
+        raise SystemExit('lsm-ros: no weights given. Pass the official files (--lsm-checkpoint checkpoint-final.pth '
+                         'with --dust3r-checkpoint and --lseg-checkpoint, or --dust3r-checkpoint alone for geometry '
+                         'only), or --reference-weights to run the real network with untrained reference weights.')
     reference_dir = find_reference_dir()
     if reference_dir is not None:
-        checkpoint = reference_dust3r_checkpoint(reference_dir)
-        return Reconstructor.from_state_dict(checkpoint, weights=f'reference weights lsmref-v1 ({reference_dir})',
-                                             trained_weights=False, config=config)
+        return Reconstructor.from_reference(reference_dir, config=config)
     _log.warning('reference folder not found: using seeded random weights at the official size')
     return Reconstructor.from_config(config=config)
 
@@ -71,7 +74,7 @@ def warn_untrained(reconstructor) -> None:
         banner = '!' * 100
         _log.warning('\n%s\n  UNTRAINED WEIGHTS: %s\n  The network, pre-processing and camera recovery are the real '
                      'ones, but these outputs are NOT a real\n  reconstruction. Pass the official checkpoints '
-                     '(--dust3r-checkpoint ...) for real results.\n%s', banner, reconstructor.weights, banner)
+                     '(--lsm-checkpoint ...) for real results.\n%s', banner, reconstructor.weights, banner)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -135,7 +138,10 @@ def save_reconstruction(rec, out_dir: Path) -> dict[str, Path]:
 
     ``reconstruction.npz`` (public contract): the raw network outputs under the official names ``pts3d_1``
     (1,H,W,3), ``conf_1`` (1,H,W), ``pts3d_2`` (1,H,W,3, view 2's points in view 1's frame), ``conf_2``, plus the
-    camera products (``K_1``, ``K_2``, ``T_1_2``, ``depth_1``, ``depth_2``, ``scale_factor``, images)."""
+    camera products (``K_1``, ``K_2``, ``T_1_2``, ``depth_1``, ``depth_2``, ``scale_factor``, images). With
+    Gaussians (semantic model) also ``means`` (N,3), ``scales`` (N,3), ``rotations`` (N,4, x y z w),
+    ``opacities`` (N,1), ``sh`` (N,16,3), ``features`` (N,64), N = 2*H*W (view 1's pixels, then view 2's), and
+    ``gaussians.ply`` (3D Gaussian Splatting layout, :func:`lsm_ros.io.write_gaussian_ply`)."""
     from lsm_ros import io
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -165,22 +171,83 @@ def save_reconstruction(rec, out_dir: Path) -> dict[str, Path]:
     arrays.update(K_1=rec.K_1, K_2=rec.K_2, T_1_2=rec.T_1_2, depth_1=rec.depth_1, depth_2=rec.depth_2,
                   scale_factor=np.float64(rec.scale_factor), metric_scale=np.bool_(rec.metric_scale),
                   image_1=rec.image_1, image_2=rec.image_2)
+    if rec.gaussians is not None:
+        arrays.update({name: np.asarray(getattr(rec.gaussians, name)) for name in io.GAUSSIAN_FIELDS})
+        paths['gaussians'] = io.write_gaussian_ply(out_dir / GAUSSIANS_PLY, rec.gaussians)
     np.savez_compressed(out_dir / RECONSTRUCTION_NPZ, **arrays)
     paths['npz'] = out_dir / RECONSTRUCTION_NPZ
     return paths
 
 
+def save_query(answer, out_dir: Path, threshold: float = 0.0) -> dict[str, Path]:
+    """Write a :class:`~lsm_ros.semantics.QueryResult` into ``out_dir``.
+
+    ``masks/{left,right}_{slug}.png``: mono8 masks (255 in the phrase's mask: its label and probability >=
+    ``threshold``); ``labels_{left,right}.png``: the label colours (black below the threshold); ``query.json``:
+    phrases, threshold, views and a legend with each phrase's label index, colour, mask files, score (fraction
+    of the pixels of the queried views in its mask), largest probability and largest cosine similarity."""
+    from lsm_ros import io, semantics
+    slugs = semantics.unique_slugs(answer.phrases)
+    palette = semantics.label_palette(len(answer.phrases))
+    masks, label_images = answer.masks(threshold), answer.label_images(threshold)
+    paths: dict[str, Path] = {}
+    mask_files: dict[str, dict[str, str]] = {name: {} for name in slugs}
+    label_files: dict[str, str] = {}
+    for position, view in enumerate(answer.views):
+        view_name = semantics.VIEW_NAMES[view]
+        for index, name in enumerate(slugs):
+            relative = f'{MASKS_DIR}/{view_name}_{name}.png'
+            paths[f'mask_{view_name}_{name}'] = io.write_mono_png(out_dir / relative,
+                                                                  masks[position, index].astype(np.uint8) * 255)
+            mask_files[name][view_name] = relative
+        relative = f'labels_{view_name}.png'
+        paths[f'labels_{view_name}'] = io.write_rgb_png(
+            out_dir / relative, semantics.colorize_labels(label_images[position], palette))
+        label_files[view_name] = relative
+    scores, max_probabilities, max_similarities = (answer.scores(threshold), answer.max_probabilities(),
+                                                   answer.max_similarities())
+    legend = [{'label': index, 'phrase': phrase, 'slug': name, 'colour_rgb': palette[index], 'masks': mask_files[name],
+               'score': scores[index], 'max_probability': max_probabilities[index],
+               'max_similarity': max_similarities[index]}
+              for index, (phrase, name) in enumerate(zip(answer.phrases, slugs))]
+    paths['query'] = io.write_json(out_dir / QUERY_JSON, {
+        'phrases': answer.phrases, 'threshold': threshold, 'views': [semantics.VIEW_NAMES[v] for v in answer.views],
+        'label_images': label_files, 'unlabelled_colour_rgb': [0, 0, 0], 'logit_scale': answer.logit_scale,
+        'definitions': {
+            'probability': 'softmax over the phrases of logit_scale * cosine(pixel feature, text feature)',
+            'mask': 'pixels whose best phrase is this one with a probability >= threshold',
+            'score': 'fraction of the pixels of the queried views in the mask',
+            'max_probability': 'largest probability of the phrase over the pixels of the queried views',
+            'max_similarity': 'largest cosine similarity of the phrase over those pixels'},
+        'legend': legend})
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from lsm_ros.semantics import validate_phrases
+    try:
+        phrases = validate_phrases(args.query) if args.query else ()
+    except ValueError as exc:
+        raise SystemExit(f'lsm-ros: --query: {exc}') from exc
     left, right = read_image(args.left), read_image(args.right)
     calibration = parse_intrinsics(args.intrinsics, args.baseline)
     reconstructor = build_reconstructor(args, allow_untrained=False)
+    if phrases and not reconstructor.semantic:
+        raise SystemExit(f'lsm-ros: --query needs the semantic model, but {reconstructor.weights} is geometry '
+                         'only: pass --lsm-checkpoint checkpoint-final.pth (with --dust3r-checkpoint and '
+                         '--lseg-checkpoint unless the LSM file names them)')
     warn_untrained(reconstructor)
     try:
         rec = reconstructor.reconstruct(left, right, calibration)
+        answer = reconstructor.query(rec, phrases) if phrases else None
     except ValueError as exc:
         raise SystemExit(f'lsm-ros: {exc}') from exc
     paths = save_reconstruction(rec, Path(args.out))
+    if answer is not None:
+        paths.update(save_query(answer, Path(args.out), args.threshold))
+        for phrase, score in zip(answer.phrases, answer.scores(args.threshold)):
+            _log.info('query %-24r %5.1f %% of the pixels', phrase, 100.0 * score)
     _log.info('%dx%d, pose %s (%d inliers), |t| = %.4f %s, intrinsics %s; network %.2f s',
               rec.size[0], rec.size[1], 'ok' if rec.pose.success else 'FAILED', rec.pose.num_inliers, rec.baseline,
               'm' if rec.metric_scale else 'model units', rec.intrinsics_source, rec.timings_s['network'])
@@ -201,6 +268,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'{text} is not a probability in [0, 1]')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='lsm-ros', description='Large Spatial Model for ROS 2')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
@@ -208,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser('reconstruct', help='reconstruct one image pair into a folder',
                          description='Reconstruct LEFT and RIGHT (any size, same for both) and write points.ply, '
-                                     'depth_{left,right}.npy/.png, cameras.json and reconstruction.npz to --out.')
+                                     'depth_{left,right}.npy/.png, cameras.json and reconstruction.npz to --out; '
+                                     'with the semantic model also gaussians.ply (3D Gaussian Splatting layout) '
+                                     'and, for --query, masks and label images.')
     rec.add_argument('left', help='left / first image file')
     rec.add_argument('right', help='right / second image file')
     rec.add_argument('--out', required=True, help='output folder (created)')
@@ -217,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                           'K_right and optional baseline_m')
     rec.add_argument('--baseline', type=float, default=None,
                      help='calibrated stereo baseline in metres: scales the reconstruction to metres')
+    rec.add_argument('--query', action='append', metavar='PHRASE',
+                     help='text query (repeatable, e.g. --query chair --query table; semantic model only): writes '
+                          'masks/{left,right}_<phrase>.png, labels_{left,right}.png and query.json')
+    rec.add_argument('--threshold', type=probability, default=0.0, metavar='P',
+                     help='with --query: minimum probability in [0, 1] of a masked pixel (default 0: arg-max)')
     add_weights_arguments(rec)
     rec.set_defaults(func=cmd_reconstruct)
 

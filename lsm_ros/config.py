@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from lsm_ros.semantics import DEFAULT_LABELS, MAX_PHRASE_CHARS, MAX_PHRASES, validate_phrases
 
 RESOLUTIONS = (224, 256, 512)
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
@@ -17,7 +19,12 @@ DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N
 
 @dataclass(frozen=True)
 class ParameterSpec:
-    """Description of one configuration field, as a ROS parameter descriptor needs it."""
+    """Description of one configuration field, as a ROS parameter descriptor needs it.
+
+    ``type`` is bool, int, float, str or tuple (a string array: a list or tuple of str, kept as a tuple).
+    ``check``: a further validation of the typed value (returns the value to keep, raises ValueError);
+    ``constraints``: its rule in words, for the parameter descriptor.
+    """
 
     name: str
     default: Any
@@ -27,6 +34,8 @@ class ParameterSpec:
     max_value: float | None = None
     choices: tuple[Any, ...] | None = None
     read_only: bool = False
+    check: Callable[[Any], Any] | None = None
+    constraints: str = ''
 
     def validate(self, value: Any) -> Any:
         """Return ``value`` converted to this field's type, or raise ValueError saying why it is refused."""
@@ -45,19 +54,30 @@ class ParameterSpec:
         elif self.type is str:
             if not isinstance(value, str):
                 raise ValueError(f'{self.name}: expected a string, got {value!r}')
+        elif self.type is tuple:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f'{self.name}: expected a list of strings, got {value!r}')
+            value = tuple(value)
         if self.choices is not None and value not in self.choices:
             raise ValueError(f'{self.name}: {value!r} is not one of {list(self.choices)}')
         if self.min_value is not None and value < self.min_value:
             raise ValueError(f'{self.name}: {value!r} is below the minimum {self.min_value}')
         if self.max_value is not None and value > self.max_value:
             raise ValueError(f'{self.name}: {value!r} is above the maximum {self.max_value}')
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except ValueError as exc:
+                raise ValueError(f'{self.name}: {exc}') from exc
         return value
 
 
 def _param(default: Any, description: str, *, min_value: float | None = None, max_value: float | None = None,
-           choices: Sequence[Any] | None = None, read_only: bool = False) -> Any:
+           choices: Sequence[Any] | None = None, read_only: bool = False, check: Callable[[Any], Any] | None = None,
+           constraints: str = '') -> Any:
     meta = dict(description=description, min_value=min_value, max_value=max_value,
-                choices=tuple(choices) if choices is not None else None, read_only=read_only)
+                choices=tuple(choices) if choices is not None else None, read_only=read_only, check=check,
+                constraints=constraints)
     return field(default=default, metadata=meta)
 
 
@@ -119,6 +139,15 @@ class NodeConfig:
         '', "Child frame of the relative pose and /tf. Empty: the right image's header.frame_id.")
     point_stride: int = _param(
         1, 'Publish every n-th pixel (in rows and columns) of each view in ~/points.', min_value=1, max_value=64)
+    labels: tuple[str, ...] = _param(
+        DEFAULT_LABELS, 'Active label set of the semantic model (LSM + LSeg checkpoints): the phrases whose '
+        'arg-max label ~/semantic/labels and ~/semantic/overlay show and the label field of ~/points carries '
+        '(value i = labels[i]); also the phrases of a ~/query request without phrases. A change applies from the '
+        'next published reconstruction. Ignored by the geometry-only model.', check=validate_phrases,
+        constraints=f'1 to {MAX_PHRASES} distinct phrases of 1 to {MAX_PHRASE_CHARS} characters')
+    overlay_alpha: float = _param(
+        0.5, 'Opacity of the label colours over the left model image in ~/semantic/overlay (0: image only, '
+        '1: colours only).', min_value=0.0, max_value=1.0)
     log_throttle_s: float = _param(
         5.0, 'Repeated warnings about bad input are logged at most once per this many seconds.',
         min_value=0.0, max_value=3600.0)
@@ -135,7 +164,7 @@ def parameter_specs(config_cls: type) -> list[ParameterSpec]:
         specs.append(ParameterSpec(
             name=f.name, default=f.default, type=type(f.default), description=meta['description'],
             min_value=meta['min_value'], max_value=meta['max_value'], choices=meta['choices'],
-            read_only=meta['read_only']))
+            read_only=meta['read_only'], check=meta['check'], constraints=meta['constraints']))
     return specs
 
 

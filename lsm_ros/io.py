@@ -1,10 +1,11 @@
-"""Writers for reconstruction products: PLY point clouds, false-colour depth, JSON (no ROS, no torch)."""
+"""Writers for reconstruction products: PLY point clouds and 3-D Gaussians, images, false-colour depth, JSON
+(no ROS, no torch)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -54,6 +55,94 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     dtype = [(line.split()[2], kinds[line.split()[1]]) for line in lines if line.startswith('property')]
     record = np.frombuffer(data, dtype=dtype, count=n, offset=end)
     return {name: record[name].copy() for name, _ in dtype}
+
+
+# The per-vertex properties of a 3D Gaussian Splatting PLY, in the order of the INRIA reference writer
+# (GaussianModel.save_ply); lsm_ros appends the semantic feature as feat_0 .. feat_{F-1}.
+GAUSSIAN_PLY_LEADING = ('x', 'y', 'z', 'nx', 'ny', 'nz', 'f_dc_0', 'f_dc_1', 'f_dc_2')
+GAUSSIAN_PLY_TRAILING = ('opacity', 'scale_0', 'scale_1', 'scale_2', 'rot_0', 'rot_1', 'rot_2', 'rot_3')
+GAUSSIAN_FIELDS = ('means', 'scales', 'rotations', 'opacities', 'sh', 'features')
+_OPACITY_EPS = 1e-7
+
+
+def gaussian_ply_properties(sh_coefficients: int = 16, feature_dim: int = 64) -> list[str]:
+    """Vertex property names of :func:`write_gaussian_ply` for ``sh_coefficients`` per colour channel (16 for
+    SH degree 3) and ``feature_dim`` semantic channels."""
+    rest = [f'f_rest_{i}' for i in range(3 * (sh_coefficients - 1))]
+    return [*GAUSSIAN_PLY_LEADING, *rest, *GAUSSIAN_PLY_TRAILING] + [f'feat_{i}' for i in range(feature_dim)]
+
+
+def write_gaussian_ply(path: str | Path, cloud: Any) -> Path:
+    """Write N Gaussians as a standard 3D Gaussian Splatting PLY (binary little endian, float32 properties).
+
+    ``cloud``: a :class:`lsm_ros.pipeline.GaussianCloud` (or anything with its attributes): ``means`` (N,3),
+    ``scales`` (N,3) > 0, ``rotations`` (N,4) unit quaternions (x, y, z, w), ``opacities`` (N,1) in (0,1), ``sh``
+    (N,K,3) SH coefficients (DC first, RGB last), ``features`` (N,F). Stored as the INRIA writer stores its
+    parameters, so that splat viewers open the file: x y z, nx ny nz (0), f_dc_0..2 (DC per channel),
+    f_rest_* channel-major (f_rest_{c*(K-1)+k-1} = sh[:, k, c]), opacity as its logit (clipped to 1e-7 from
+    0 and 1), scale_0..2 as logs, rot_0..3 as (w, x, y, z); then feat_0..F-1. Coordinates stay in the cloud's
+    frame (for LSM the left camera's optical frame: x right, y down, z forward, as COLMAP/3DGS cameras).
+    """
+    arrays = {name: np.asarray(getattr(cloud, name)) for name in GAUSSIAN_FIELDS}
+    n = len(arrays['means'])
+    expected = {'means': (n, 3), 'scales': (n, 3), 'rotations': (n, 4), 'opacities': (n, 1)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f'{name} must be {shape}, got {arrays[name].shape}')
+    sh, features = arrays['sh'], arrays['features'].reshape(n, -1)
+    if sh.ndim != 3 or sh.shape[0] != n or sh.shape[2] != 3 or sh.shape[1] < 1:
+        raise ValueError(f'sh must be (N={n}, K, 3), got {sh.shape}')
+    if not (arrays['scales'] > 0).all():
+        raise ValueError('scales must be positive (they are stored as logs)')
+    opacity = np.clip(arrays['opacities'][:, 0].astype(np.float64), _OPACITY_EPS, 1.0 - _OPACITY_EPS)
+    rest = sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1)            # (N, 3*(K-1)), channel-major
+    columns = [np.zeros(n)] * 3 + [sh[:, 0, c] for c in range(3)] + [rest[:, i] for i in range(rest.shape[1])]
+    columns += [np.log(opacity / (1.0 - opacity))] + [np.log(arrays['scales'][:, i].astype(np.float64))
+                                                      for i in range(3)]
+    columns += [arrays['rotations'][:, i] for i in (3, 0, 1, 2)] + [features[:, i] for i in range(features.shape[1])]
+    names = gaussian_ply_properties(sh.shape[1], features.shape[1])[3:]
+    return write_ply(path, arrays['means'], scalars=dict(zip(names, columns)))
+
+
+def read_gaussian_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a 3D Gaussian Splatting PLY (:func:`write_gaussian_ply`, or the INRIA layout without feat_*) back
+    into the activated parameters under the GaussianCloud field names: ``means`` (N,3), ``scales`` (N,3),
+    ``rotations`` (N,4) (x, y, z, w), ``opacities`` (N,1), ``sh`` (N,K,3), ``features`` (N,F), all float32."""
+    props = read_ply(path)
+    names = list(props)
+    rest = [name for name in names if name.startswith('f_rest_')]
+    features = [name for name in names if name.startswith('feat_')]
+    if len(rest) % 3:
+        raise ValueError(f'{path}: {len(rest)} f_rest_* properties is not a multiple of 3')
+    expected = gaussian_ply_properties(len(rest) // 3 + 1, len(features))
+    if names != expected:
+        raise ValueError(f'{path}: not a 3D Gaussian Splatting PLY; properties {names[:12]}... differ from '
+                         f'{expected[:12]}...')
+    n = len(props['x'])
+
+    def stack(keys: Sequence[str]) -> np.ndarray:
+        return np.stack([props[k].astype(np.float64) for k in keys], axis=-1).reshape(n, len(keys))
+
+    coefficients = len(rest) // 3 + 1
+    sh = np.empty((n, coefficients, 3))
+    sh[:, 0, :] = stack(['f_dc_0', 'f_dc_1', 'f_dc_2'])
+    sh[:, 1:, :] = stack(rest).reshape(n, 3, coefficients - 1).transpose(0, 2, 1)
+    cloud = dict(means=stack(['x', 'y', 'z']), scales=np.exp(stack(['scale_0', 'scale_1', 'scale_2'])),
+                 rotations=stack(['rot_1', 'rot_2', 'rot_3', 'rot_0']),
+                 opacities=1.0 / (1.0 + np.exp(-stack(['opacity']))), sh=sh, features=stack(features))
+    return {name: cloud[name].astype(np.float32) for name in GAUSSIAN_FIELDS}
+
+
+def write_mono_png(path: str | Path, mono: np.ndarray) -> Path:
+    """Write an (H,W) uint8 image as a single-channel (grey) PNG."""
+    mono = np.asarray(mono)
+    if mono.ndim != 2 or mono.dtype != np.uint8:
+        raise ValueError(f'mono must be (H, W) uint8, got {mono.shape} {mono.dtype}')
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(mono)):
+        raise OSError(f'could not write {path}')
+    return path
 
 
 def depth_to_color(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:

@@ -1,22 +1,26 @@
 """Framework-free pipeline: two RGB images in, a typed reconstruction out (no ROS).
 
-One DUSt3R forward pass gives both point maps in view 1's frame; the cameras come from the same pass
-(focal by Weiszfeld, relative pose by PnP-RANSAC), or from given intrinsics; a calibrated stereo baseline
-makes the result metric. All 3-D quantities are in the left (view 1) camera's optical frame (REP 103:
+One feed-forward pass of the Large Spatial Model gives both point maps in view 1's frame, the semantic
+Gaussians (one per pixel of both views) and, on request, language-queried labels; the cameras come from the
+same pass (focal by Weiszfeld, relative pose by PnP-RANSAC), or from given intrinsics; a calibrated stereo
+baseline makes the result metric. All 3-D quantities are in the left (view 1) camera's optical frame (REP 103:
 x right, y down, z forward).
 
     from lsm_ros.pipeline import Reconstructor
-    rec = Reconstructor.from_checkpoints(dust3r='DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth', device='cuda')
+    rec = Reconstructor.from_checkpoints(lsm='checkpoint-final.pth', dust3r='DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth',
+                                         lseg='demo_e200.ckpt', device='cuda')
     result = rec.reconstruct(left_rgb, right_rgb)                 # numpy HxWx3 uint8, any size
     result.depth_1, result.K_1, result.T_1_2, result.points()     # numpy
+    result.gaussians.means, result.gaussians.features             # (2HW, 3), (2HW, 64)
+    labels = rec.query(result, ['chair', 'table']).labels         # (2, H, W) phrase index per pixel
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +28,11 @@ import torch
 from lsm_ros import cameras
 from lsm_ros.config import PipelineConfig
 from lsm_ros.model import Dust3rConfig, Dust3rNet, load_dust3r_checkpoint
-from lsm_ros.model.checkpoint import CheckpointError, load_checkpoint_file, parse_constructor_string
+from lsm_ros.model.checkpoint import CheckpointError
+from lsm_ros.model.lseg import LSEG_LOGIT_SCALE
+from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig
 from lsm_ros.preprocess import ImageCrop, preprocess_pair
+from lsm_ros.semantics import QueryResult, validate_phrases
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +82,31 @@ class CameraCalibration:
 
 
 @dataclass
+class GaussianCloud:
+    """LSM's pixel-aligned semantic Gaussians: N = 2·H·W rows, view 1's pixels row-major then view 2's (row k is
+    the pixel ``Reconstruction.points()['index'] == k``). View 1's optical frame, scaled like the point maps."""
+
+    means: np.ndarray        # (N,3) float32 centres
+    scales: np.ndarray       # (N,3) float32 standard deviations along the Gaussian's axes
+    rotations: np.ndarray    # (N,4) float32 unit quaternions, real part last (x, y, z, w)
+    opacities: np.ndarray    # (N,1) float32 in (0,1)
+    sh: np.ndarray           # (N,16,3) float32 degree-3 SH colour coefficients (DC first), RGB last
+    features: np.ndarray     # (N,64) float32 semantic feature (decoded against text with Reconstructor.query)
+
+    @classmethod
+    def from_model_output(cls, gaussians: Mapping[str, torch.Tensor], scale: float = 1.0) -> 'GaussianCloud':
+        """From :meth:`LargeSpatialModel.gaussians` (batch 1), lengths multiplied by ``scale``."""
+        def array(key: str) -> np.ndarray:
+            return gaussians[key].detach().float().cpu().numpy()
+        return cls(means=array('means') * np.float32(scale), scales=array('scales') * np.float32(scale),
+                   rotations=array('rotations'), opacities=array('opacities'), sh=array('sh'),
+                   features=array('features'))
+
+    def __len__(self) -> int:
+        return len(self.means)
+
+
+@dataclass
 class Reconstruction:
     """One reconstruction of an image pair, at the model resolution (H, W).
 
@@ -105,6 +137,7 @@ class Reconstruction:
     trained_weights: bool
     timings_s: dict[str, float] = field(default_factory=dict)
     min_confidence: float = 1.0
+    gaussians: GaussianCloud | None = None   # the semantic Gaussians (full LSM only), same frame and scale
 
     @property
     def size(self) -> tuple[int, int]:
@@ -119,31 +152,39 @@ class Reconstruction:
     def points(self, min_confidence: float | None = None, stride: int = 1) -> dict[str, np.ndarray]:
         """Both views' points merged (view 1 then view 2, row-major), in view 1's frame.
 
-        Returns ``xyz`` (N,3) float32, ``rgb`` (N,3) uint8, ``confidence`` (N,) float32, ``view`` (N,) uint8;
+        Returns ``xyz`` (N,3) float32, ``rgb`` (N,3) uint8, ``confidence`` (N,) float32, ``view`` (N,) uint8 and
+        ``index`` (N,) int64, the flat pixel index ``v*H*W + r*W + c`` (the row of the pixel's Gaussian);
         non-finite points and those below ``min_confidence`` (default: the pipeline's) are dropped.
         """
         thr = self.min_confidence if min_confidence is None else min_confidence
+        height, width = self.conf_1.shape
+        flat_index = np.arange(2 * height * width, dtype=np.int64).reshape(2, height, width)
         parts = []
         for view, (pts, conf, img) in enumerate(((self.pts3d_1, self.conf_1, self.image_1),
                                                  (self.pts3d_2, self.conf_2, self.image_2))):
             pts, conf, img = pts[::stride, ::stride], conf[::stride, ::stride], img[::stride, ::stride]
+            index = flat_index[view, ::stride, ::stride]
             keep = np.isfinite(pts).all(axis=-1) & (conf >= thr)
-            parts.append((pts[keep], img[keep], conf[keep], np.full(int(keep.sum()), view, np.uint8)))
+            parts.append((pts[keep], img[keep], conf[keep], np.full(int(keep.sum()), view, np.uint8), index[keep]))
         return dict(xyz=np.concatenate([p[0] for p in parts]).astype(np.float32),
                     rgb=np.concatenate([p[1] for p in parts]).astype(np.uint8),
                     confidence=np.concatenate([p[2] for p in parts]).astype(np.float32),
-                    view=np.concatenate([p[3] for p in parts]))
+                    view=np.concatenate([p[3] for p in parts]),
+                    index=np.concatenate([p[4] for p in parts]))
 
 
 class Reconstructor:
-    """Runs the geometry network and the camera recovery on image pairs.
+    """Runs the networks and the camera recovery on image pairs.
 
-    Build it with :meth:`from_checkpoints` (official files) or :meth:`from_config` (random weights, for tests
-    and demos), then call :meth:`reconstruct`. Thread-safe for sequential use from one worker thread.
+    The network is either the full :class:`LargeSpatialModel` (geometry, semantics, Gaussians, text queries) or,
+    when only a DUSt3R file is given, the geometry network alone. Build it with :meth:`from_checkpoints`
+    (official files), :meth:`from_reference` (the parity reference's untrained weights) or :meth:`from_config`
+    (random weights, for tests), then call :meth:`reconstruct` and :meth:`query`. :meth:`reconstruct` is for one
+    worker thread at a time; :meth:`query` may run concurrently with it (e.g. from a ROS service callback).
     """
 
-    def __init__(self, network: Dust3rNet, config: PipelineConfig, *, device: torch.device | str = 'cpu',
-                 weights: str = 'unknown', trained_weights: bool = True) -> None:
+    def __init__(self, network: Dust3rNet | LargeSpatialModel, config: PipelineConfig, *,
+                 device: torch.device | str = 'cpu', weights: str = 'unknown', trained_weights: bool = True) -> None:
         self.config = config
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -153,62 +194,85 @@ class Reconstructor:
             _log.warning('UNTRAINED WEIGHTS (%s): outputs are not a real reconstruction. Pass the official '
                          'checkpoints for real results.', weights)
 
+    @property
+    def semantic(self) -> bool:
+        """True when the full LSM is loaded (Gaussians, labels and text queries available)."""
+        return isinstance(self.network, LargeSpatialModel)
+
     # ------------------------------------------------------------------------------------------ builders
     @classmethod
     def from_checkpoints(cls, dust3r: str | None = None, lseg: str | None = None, lsm: str | None = None, *,
                          config: PipelineConfig | None = None, **overrides: Any) -> 'Reconstructor':
         """Load the official checkpoint files.
 
-        ``dust3r``: DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth. When only ``lsm`` (checkpoint-final.pth) is
-        given, the DUSt3R file it names in its ``args.model`` config is used, as the official
-        ``LSM_Dust3R.from_pretrained`` does. ``config``/``overrides``: :class:`PipelineConfig` fields.
-        ``lseg`` is accepted for the semantic stages and checked to exist.
+        With ``lsm`` (checkpoint-final.pth): the full LSM; DUSt3R and LSeg come from ``dust3r``
+        (DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth) and ``lseg`` (demo_e200.ckpt), or from the files the LSM
+        file's config names (as given, else next to it), as the official ``LSM_Dust3R.from_pretrained`` does.
+        With ``dust3r`` alone: geometry only (no Gaussians, labels or queries). ``config``/``overrides``:
+        :class:`PipelineConfig` fields.
         """
         config = replace(config or PipelineConfig(), **overrides)
         dust3r = dust3r or config.dust3r_checkpoint or None
         lseg = lseg or config.lseg_checkpoint or None
         lsm = lsm or config.lsm_checkpoint or None
-        if dust3r is None and lsm is not None:
-            dust3r = dust3r_path_from_lsm_checkpoint(lsm)
-        if dust3r is None:
-            raise CheckpointError('no DUSt3R checkpoint given: pass dust3r=... (DUSt3R_ViTLarge_BaseDecoder_512_dpt'
-                                  '.pth) or an LSM checkpoint whose config names an existing DUSt3R file')
-        if lseg is not None:
-            if not os.path.isfile(lseg):
-                raise CheckpointError(f'LSeg checkpoint not found: {lseg}')
         device = resolve_device(config.device)
         t0 = time.perf_counter()
-        network = load_dust3r_checkpoint(dust3r, device='cpu')
-        _log.info('loaded DUSt3R from %s in %.1f s', dust3r, time.perf_counter() - t0)
-        config = replace(config, dust3r_checkpoint=str(dust3r), lseg_checkpoint=lseg or '', lsm_checkpoint=lsm or '')
-        return cls(network, config, device=device, weights=str(dust3r), trained_weights=True)
+        if lsm is not None:
+            network = LargeSpatialModel.from_official_checkpoints(dust3r=dust3r, lseg=lseg, lsm=lsm, device='cpu')
+            weights = str(lsm)
+        elif dust3r is not None:
+            if lseg is not None:
+                _log.warning('an LSeg file without the LSM checkpoint: running geometry only (pass lsm=... for '
+                             'Gaussians, labels and queries)')
+            network = load_dust3r_checkpoint(dust3r, device='cpu')
+            weights = str(dust3r)
+        else:
+            raise CheckpointError('no checkpoint given: pass lsm=checkpoint-final.pth (full LSM; with dust3r= and '
+                                  'lseg= unless its config names existing files) or dust3r=... (geometry only)')
+        _log.info('loaded %s in %.1f s', weights, time.perf_counter() - t0)
+        config = replace(config, dust3r_checkpoint=str(dust3r or ''), lseg_checkpoint=str(lseg or ''),
+                         lsm_checkpoint=str(lsm or ''))
+        return cls(network, config, device=device, weights=weights, trained_weights=True)
 
     @classmethod
-    def from_config(cls, network_config: Dust3rConfig | None = None, *, seed: int = 0,
+    def from_config(cls, network_config: Dust3rConfig | LsmConfig | None = None, *, seed: int = 0,
                     config: PipelineConfig | None = None, **overrides: Any) -> 'Reconstructor':
-        """Random weights (seeded) at any network size: for tests and demos. Outputs are untrained."""
+        """Random weights (seeded) at any size: a :class:`LsmConfig` builds the full LSM, a
+        :class:`Dust3rConfig` geometry only (default: the full-size LSM). For tests and demos: untrained."""
         config = replace(config or PipelineConfig(), **overrides)
-        network_config = network_config or Dust3rConfig()
+        network_config = network_config or LsmConfig()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            network = Dust3rNet(network_config)
+            network = LargeSpatialModel(network_config) if isinstance(network_config, LsmConfig) \
+                else Dust3rNet(network_config)
         return cls(network, config, device=resolve_device(config.device),
                    weights=f'random (seed {seed})', trained_weights=False)
 
     @classmethod
-    def from_state_dict(cls, official_checkpoint: Mapping[str, Any], *, weights: str, trained_weights: bool,
-                        config: PipelineConfig | None = None, **overrides: Any) -> 'Reconstructor':
-        """From an in-memory checkpoint in the official DUSt3R file layout ({'args': ..., 'model': ...})."""
+    def from_reference(cls, reference_dir: Path | None = None, *, config: PipelineConfig | None = None,
+                       **overrides: Any) -> 'Reconstructor':
+        """The full LSM with the parity reference's deterministic weights (rule lsmref-v1), loaded through the
+        official-file code paths. Real network, UNTRAINED outputs."""
+        from lsm_ros.reference_weights import find_reference_dir, reference_checkpoints
+
+        reference_dir = reference_dir or find_reference_dir()
+        if reference_dir is None:
+            raise FileNotFoundError('reference folder not found (../shared/reference/lsm_vitl_256 or '
+                                    '$LSM_ROS_REFERENCE)')
         config = replace(config or PipelineConfig(), **overrides)
-        network = load_dust3r_checkpoint(official_checkpoint, device='cpu')
-        return cls(network, config, device=resolve_device(config.device), weights=weights,
-                   trained_weights=trained_weights)
+        files = reference_checkpoints(reference_dir)
+        network = LargeSpatialModel.from_official_checkpoints(**files, device='cpu')
+        return cls(network, config, device=resolve_device(config.device), trained_weights=False,
+                   weights=f'reference weights lsmref-v1 ({reference_dir})')
 
     # ------------------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def infer(self, img1: torch.Tensor, img2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Network forward on pre-processed (B,3,H,W) float32 tensors in [-1, 1] (official names)."""
-        return self.network(img1.to(self.device), img2.to(self.device))
+        """Geometry forward on pre-processed (B,3,H,W) float32 tensors in [-1, 1] (official names)."""
+        img1, img2 = img1.to(self.device), img2.to(self.device)
+        if self.semantic:
+            return self.network.geometry(img1, img2)
+        return self.network(img1, img2)
 
     def reconstruct(self, left: np.ndarray, right: np.ndarray,
                     calibration: CameraCalibration | None = None) -> Reconstruction:
@@ -216,6 +280,7 @@ class Reconstructor:
 
         ``calibration``: known intrinsics of the input images and/or a stereo baseline. Without intrinsics,
         view 1's focal comes from its point map (Weiszfeld) and view 2's from PnP (focal search + Weiszfeld).
+        With the full LSM, the result also carries the semantic Gaussians (one per pixel of both views).
         """
         cfg = self.config
         calibration = calibration or CameraCalibration()
@@ -223,11 +288,21 @@ class Reconstructor:
         t0 = time.perf_counter()
         view1, view2 = preprocess_pair(left, right, cfg.resolution)
         t1 = time.perf_counter()
-        out = self.infer(view1.tensor, view2.tensor)
+        img1, img2 = view1.tensor.to(self.device), view2.tensor.to(self.device)
+        out = self.infer(img1, img2)
         raw = {k: out[k].detach().float().cpu().numpy() for k in NETWORK_OUTPUT_KEYS}
         t2 = time.perf_counter()
         timings['preprocess'] = t1 - t0
         timings['network'] = t2 - t1
+        gaussian_tensors = None
+        if self.semantic:
+            with torch.no_grad():
+                semantics = self.network.semantics(img1, img2)
+                t3 = time.perf_counter()
+                gaussian_tensors = self.network.gaussians(img1, img2, out, semantics)
+            timings['semantics'] = t3 - t2
+            timings['gaussians'] = time.perf_counter() - t3
+            t2 = time.perf_counter()
 
         pts1, pts2 = raw['pts3d_1'][0].astype(np.float64), raw['pts3d_2'][0].astype(np.float64)
         conf1, conf2 = raw['conf_1'][0], raw['conf_2'][0]
@@ -270,7 +345,34 @@ class Reconstructor:
             crop_1=view1.crop, crop_2=view2.crop, metric_scale=scale_source != 'none', scale_factor=scale,
             scale_source=scale_source, intrinsics_source=intrinsics_source, pose=pose, network_outputs=raw,
             weights=self.weights, trained_weights=self.trained_weights, timings_s=timings,
-            min_confidence=cfg.min_confidence)
+            min_confidence=cfg.min_confidence,
+            gaussians=None if gaussian_tensors is None else GaussianCloud.from_model_output(gaussian_tensors, scale))
+
+    def query(self, result: Reconstruction, phrases: Sequence[str], views: Sequence[int] = (0, 1)) -> QueryResult:
+        """Label a reconstruction with free-text phrases: LSM's decoding of the Gaussian features of the
+        requested source views (0 = left/view 1, 1 = right/view 2) and of every Gaussian.
+
+        Raises ValueError for invalid phrases or views, RuntimeError for a geometry-only reconstructor or a
+        reconstruction without Gaussians. Safe to call while another thread runs :meth:`reconstruct`.
+        """
+        if not self.semantic:
+            raise RuntimeError('text queries need the full LSM (pass the LSM checkpoint); this reconstructor runs '
+                               'geometry only')
+        if result.gaussians is None:
+            raise RuntimeError('this reconstruction has no Gaussians (made by a geometry-only reconstructor)')
+        phrases = validate_phrases(phrases)
+        views = tuple(int(v) for v in views)
+        if not views or any(v not in (0, 1) for v in views) or len(set(views)) != len(views):
+            raise ValueError(f'views must be distinct values of 0 (left) and 1 (right), got {views}')
+        height, width = result.conf_1.shape
+        with torch.no_grad():
+            text = self.network.text_features(phrases)
+            features = torch.from_numpy(result.gaussians.features).to(self.device)
+            view_features = features.view(2, height, width, -1)[list(views)].permute(0, 3, 1, 2)
+            logits = self.network.view_label_logits(view_features, text)
+            point_logits = self.network.point_label_logits(features, text)
+        return QueryResult(phrases=phrases, views=views, logits=logits.cpu().numpy(),
+                           point_logits=point_logits.cpu().numpy(), logit_scale=LSEG_LOGIT_SCALE)
 
 
 def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:
@@ -284,23 +386,3 @@ def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:
         focal = cameras.reference_focal(height, width)
         _log.warning('focal estimation failed (%s): using the 60-degree-FOV focal %.1f px', exc, focal)
     return cameras.intrinsics_matrix(focal, focal, width / 2.0, height / 2.0)
-
-
-def dust3r_path_from_lsm_checkpoint(lsm_path: str) -> str:
-    """The DUSt3R file named by an LSM checkpoint's ``args.model`` config (``dust3r_config``)."""
-    ckpt = load_checkpoint_file(lsm_path)
-    args = ckpt.get('args')
-    model_string = getattr(args, 'model', None)
-    if not isinstance(model_string, str):
-        raise CheckpointError(f'{lsm_path}: no args.model string; is this an LSM checkpoint-final.pth?')
-    class_name, kwargs = parse_constructor_string(model_string)
-    try:
-        path = kwargs['config']['dust3r_config']['pretrained_model_name_or_path']
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f'{lsm_path}: {class_name} config names no dust3r_config.pretrained_model_name_or_path'
-                              ) from exc
-    if not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(lsm_path)), os.path.basename(path))
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{lsm_path} names the DUSt3R file {path}, which does not exist: pass --dust3r-checkpoint')
-    return path

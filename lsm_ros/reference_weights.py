@@ -27,6 +27,7 @@ _log = logging.getLogger(__name__)
 
 WEIGHT_RULE = 'lsmref-v1'
 DUST3R_PREFIX = 'dust3r.dust3r.'
+LSEG_PREFIX = 'lseg_feature_extractor.'
 REFERENCE_NAME = 'lsm_vitl_256'
 
 
@@ -99,14 +100,19 @@ def generate_reference_state_dict(reference_dir: Path, prefixes: Iterable[str] =
     return state
 
 
-def reference_dust3r_checkpoint(reference_dir: Path | None = None, progress: bool = True) -> dict:
-    """The reference DUSt3R weights as the official DUSt3R file holds them:
-    ``{'args': Namespace(model=<constructor string>), 'model': state_dict without the 'dust3r.dust3r.' prefix}``."""
+def reference_checkpoints(reference_dir: Path | None = None, progress: bool = True) -> dict[str, dict]:
+    """The reference weights as the three official files hold them, in memory: ``{'dust3r': ..., 'lseg': ...,
+    'lsm': ...}`` for :meth:`LargeSpatialModel.from_official_checkpoints`. The LSM entry carries only the
+    LSM-own weights (the official loader ignores its DUSt3R and LSeg copies)."""
     reference_dir = reference_dir or find_reference_dir()
     if reference_dir is None:
         raise FileNotFoundError('reference folder not found (../shared/reference/lsm_vitl_256 or $LSM_ROS_REFERENCE)')
     config = json.loads((reference_dir / 'config.json').read_text())
-    _log.info('generating the reference DUSt3R weights (rule %s, untrained) from %s', WEIGHT_RULE, reference_dir)
-    state = generate_reference_state_dict(reference_dir, (DUST3R_PREFIX,), progress=progress)
-    model = OrderedDict((k[len(DUST3R_PREFIX):], v) for k, v in state.items())
-    return {'args': argparse.Namespace(model=config['dust3r_model']), 'model': model}
+    _log.info('generating the reference LSM weights (rule %s, untrained) from %s', WEIGHT_RULE, reference_dir)
+    state = generate_reference_state_dict(reference_dir, progress=progress)
+    dust3r = OrderedDict((k[len(DUST3R_PREFIX):], v) for k, v in state.items() if k.startswith(DUST3R_PREFIX))
+    lseg = OrderedDict(('net.' + k[len(LSEG_PREFIX):], v) for k, v in state.items() if k.startswith(LSEG_PREFIX))
+    own = OrderedDict((k, v) for k, v in state.items() if not k.startswith((DUST3R_PREFIX, LSEG_PREFIX)))
+    return dict(dust3r={'args': argparse.Namespace(model=config['dust3r_model']), 'model': dust3r},
+                lseg={'state_dict': lseg},
+                lsm={'args': argparse.Namespace(model=f"LSM_Dust3R(config={config['lsm_config']!r})"), 'model': own})

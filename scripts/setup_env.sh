@@ -123,7 +123,7 @@ fi
 # This package's own msg/ and srv/ (the same CMakeLists.txt that colcon uses on a ROS workstation; here
 # only the interfaces are built and the Python package is installed by pip below).
 LSM_KEY=$(hash_of "$ROOT"/msg/*.msg "$ROOT"/srv/*.srv "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$STAMPS/tf2_msgs")
-if stamp_ok lsm_ros_interfaces "$LSM_KEY" && "$VPY" -c 'import lsm_ros.msg' 2>/dev/null; then
+if stamp_ok lsm_ros_interfaces "$LSM_KEY" && "$VPY" -c 'import lsm_ros.msg, lsm_ros.srv' 2>/dev/null; then
   say "lsm_ros interfaces up to date"
 else
   build_interfaces lsm_ros "$ROOT" -DLSM_ROS_INTERFACES_ONLY=ON
@@ -153,8 +153,8 @@ fi
 say "checking imports"
 "$VPY" - <<'EOF'
 import lsm_ros.compat  # noqa: F401  (torchvision on CPU torch)
-import torch, timm, open_clip, rclpy, sensor_msgs.msg, tf2_msgs.msg, lsm_ros.msg  # noqa: F401
+import torch, timm, open_clip, rclpy, sensor_msgs.msg, tf2_msgs.msg, lsm_ros.msg, lsm_ros.srv  # noqa: F401
 print(f'[setup] ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), timm {timm.__version__}, '
-      f'open_clip {open_clip.__version__}, rclpy, tf2_msgs, lsm_ros.msg')
+      f'open_clip {open_clip.__version__}, rclpy, tf2_msgs, lsm_ros.msg, lsm_ros.srv')
 EOF
 say "done: activate with 'source .venv/bin/activate', or use 'make demo' / 'make test'"

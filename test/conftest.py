@@ -52,6 +52,14 @@ def tiny_reconstructor() -> Any:
 
 
 @pytest.fixture(scope='session')
+def tiny_lsm_reconstructor() -> Any:
+    """The real Reconstructor with a tiny random full LSM (geometry, semantics, Gaussians, queries; untrained)."""
+    from lsm_ros.model.lsm import LsmConfig
+    from lsm_ros.pipeline import Reconstructor
+    return Reconstructor.from_config(LsmConfig.tiny(), **TINY_PIPELINE)
+
+
+@pytest.fixture(scope='session')
 def stereo_bag(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The EuRoC stereo bag when present, else a small synthetic one with the same topics."""
     euroc = shared_dir / EUROC_BAG_RELATIVE

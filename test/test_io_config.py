@@ -53,7 +53,7 @@ def test_every_config_field_has_a_description_and_a_typed_default():
         assert required in names
     for spec in specs:
         assert spec.description.strip(), spec.name
-        assert spec.type in (bool, int, float, str), spec.name
+        assert spec.type in (bool, int, float, str, tuple), spec.name   # tuple: a string array
         assert spec.validate(spec.default) == spec.default
 
 

@@ -15,7 +15,7 @@ from lsm_ros import io
 from lsm_ros.cli import RECONSTRUCTION_NPZ, main
 from lsm_ros.model import CheckpointError, Dust3rConfig, Dust3rNet
 from lsm_ros.model.checkpoint import to_official_state_dict
-from lsm_ros.pipeline import (CameraCalibration, Reconstructor, dust3r_path_from_lsm_checkpoint,
+from lsm_ros.pipeline import (CameraCalibration, Reconstructor,
                               resolve_device)
 from lsm_ros.preprocess import preprocess_pair
 
@@ -179,17 +179,17 @@ def test_cli_without_weights_or_with_bad_inputs_says_why(tmp_path, small_checkpo
               '--dust3r-checkpoint', str(tmp_path / 'nope.pth')])
 
 
-def test_lsm_checkpoint_names_its_dust3r_file(tmp_path, small_checkpoint):
+def test_lsm_checkpoint_whose_companion_files_are_missing(tmp_path, small_checkpoint):
+    """With the LSM file, the DUSt3R and LSeg files come from its config (as given, else next to it)."""
     ckpt, _ = small_checkpoint
     config = {'dust3r_config': {'pretrained_model_name_or_path': str(ckpt)},
               'lseg_config': {'pretrained_model_name_or_path': 'demo_e200.ckpt', 'half_res': True}}
     lsm = tmp_path / 'checkpoint-final.pth'
     torch.save({'args': argparse.Namespace(model=f'LSM_Dust3R(config={config!r})'), 'model': {}}, lsm)
-    assert dust3r_path_from_lsm_checkpoint(str(lsm)) == str(ckpt)
-    config['dust3r_config']['pretrained_model_name_or_path'] = str(tmp_path / 'absent.pth')
-    torch.save({'args': argparse.Namespace(model=f'LSM_Dust3R(config={config!r})'), 'model': {}}, lsm)
-    with pytest.raises(CheckpointError, match='does not exist'):
-        dust3r_path_from_lsm_checkpoint(str(lsm))
+    with pytest.raises(CheckpointError, match='LSeg file named by the LSM checkpoint was not found'):
+        Reconstructor.from_checkpoints(lsm=str(lsm))
+    with pytest.raises(CheckpointError, match='no checkpoint given'):
+        Reconstructor.from_checkpoints()
 
 
 def test_cli_demo_runs_the_node_on_a_bag_and_says_untrained(tmp_path, monkeypatch, reconstructor_224, caplog):

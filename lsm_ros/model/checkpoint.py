@@ -1,8 +1,10 @@
-"""Safe loading of official DUSt3R checkpoints (``DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth``) into :class:`Dust3rNet`.
+"""Safe loading of checkpoint files, and of official DUSt3R checkpoints
+(``DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth``) into :class:`Dust3rNet`.
 
-Safety rules: checkpoint files are read with ``torch.load(weights_only=True)`` and an allow-list of exactly one
-extra global (``argparse.Namespace``); the model constructor string in ``args.model`` is parsed with :mod:`ast`
-and only literals are accepted. Nothing from a checkpoint is ever executed.
+Safety rules: checkpoint files are read with ``torch.load(weights_only=True)`` and an allow-list of one extra
+global (``argparse.Namespace``) plus an inert stand-in for training-framework metadata; model constructor strings
+(``args.model``) are parsed with :mod:`ast` and only literals are accepted. Nothing from a checkpoint is ever
+executed.
 
 Official file layout: ``{'args': Namespace(model="AsymmetricCroCo3DStereo(...)"), 'model': state_dict}``.
 """
@@ -37,26 +39,58 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ reading files
-def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu') -> Any:
+# Modules whose pickled objects are training metadata that the weights never need, e.g. PyTorch Lightning's
+# AttributeDict of hyper-parameters in LSeg's demo_e200.ckpt: such a class is read as a plain dict (its items
+# kept, none of its code run). An object that a dict cannot stand in for makes the file unreadable.
+TRAINING_METADATA_MODULES = ('pytorch_lightning.', 'lightning.', 'lightning_fabric.', 'omegaconf.')
+_MAX_STAND_INS = 32
+
+
+def _refused_global(error: Exception) -> str | None:
+    match = re.search(r'GLOBAL ([\w.]+)', str(error))
+    return match.group(1) if match else None
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu',
+                         mmap: bool = False) -> Any:
     """Read a ``torch.save`` file without executing code: ``weights_only=True`` plus ``argparse.Namespace``.
 
-    Raises CheckpointError when the file is missing, is not a PyTorch checkpoint, or its pickle needs any
-    other global (the message names the refused global).
+    Dict-like objects of training frameworks (:data:`TRAINING_METADATA_MODULES`, e.g. Lightning's
+    hyper-parameter dicts) are read as plain dicts. ``mmap``: map the tensors' storage instead of reading it
+    (zip-format files), so entries that are dropped are never read from disk. Raises CheckpointError when the
+    file is missing, is not a PyTorch checkpoint, or its pickle needs any other global (named in the message).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint file not found: {path}')
-    try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = re.search(r'GLOBAL ([\w.]+)', str(err))
-        what = f'the global {refused.group(1)!r}' if refused else 'a pickle instruction that is not allowed'
-        raise CheckpointError(
-            f'refused to load {path}: it needs {what}. Only tensors, plain containers and argparse.Namespace are '
-            'allowed; code from checkpoints is never executed.') from None
-    except Exception as err:  # torch raises RuntimeError, KeyError, EOFError, ... for non-checkpoint files
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})') from err
+    allowed: list[Any] = list(ALLOWED_GLOBALS)
+    for _ in range(_MAX_STAND_INS):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return _torch_load(path, map_location, mmap)
+        except pickle.UnpicklingError as err:
+            refused = _refused_global(err)
+            if refused is None or not refused.startswith(TRAINING_METADATA_MODULES):
+                what = f'the global {refused!r}' if refused else 'a pickle instruction that is not allowed'
+                raise CheckpointError(
+                    f'refused to load {path}: it needs {what}. Only tensors, plain containers, argparse.Namespace '
+                    'and training metadata are allowed; code from checkpoints is never executed.') from None
+            logger.info('%s: reading %s as a plain dict (training metadata)', path, refused)
+            allowed.append((dict, refused))
+        except Exception as err:  # torch raises RuntimeError, KeyError, EOFError, ... for non-checkpoint files
+            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})'
+                                  ) from err
+    raise CheckpointError(f'refused to load {path}: more than {_MAX_STAND_INS} training-metadata classes')
+
+
+def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any:
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if 'mmap' not in str(err):  # only the legacy (non-zip) format cannot be mapped
+                raise
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------ constructor strings
@@ -222,6 +256,27 @@ def _config_from_args(checkpoint: Mapping[str, Any]) -> Dust3rConfig:
         raise CheckpointError(f'unsupported model configuration in checkpoint: {err}') from None
 
 
+def state_dict_problems(expected: Mapping[str, Tensor], given: Mapping[str, Any],
+                        official_name: Any = lambda key: key, unmapped: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Missing keys, unexpected keys and shape/type mismatches of ``given`` against a model's ``expected`` state
+    dict, one summary line per kind (empty when they match). ``official_name`` maps our key to the file's name
+    for the messages; ``unmapped``: file keys that no rule maps (reported as unexpected)."""
+    missing = [official_name(k) for k in expected if k not in given]
+    unexpected = list(unmapped) + [official_name(k) for k in given if k not in expected]
+    mismatched = []
+    for key, value in given.items():
+        if key not in expected:
+            continue
+        want = expected[key]
+        if not isinstance(value, Tensor) or value.is_floating_point() != want.is_floating_point():
+            mismatched.append(f'{official_name(key)}: {type(value).__name__} '
+                              f'{getattr(value, "dtype", "")} where the model has {want.dtype}')
+        elif value.shape != want.shape:
+            mismatched.append(f'{official_name(key)}: checkpoint {tuple(value.shape)} vs model {tuple(want.shape)}')
+    return [f'{len(items)} {kind}: {_examples(items)}' for kind, items in
+            (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)) if items]
+
+
 def load_dust3r_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], device: str | torch.device = 'cpu',
                            config: Dust3rConfig | None = None) -> Dust3rNet:
     """Build a :class:`Dust3rNet` (eval mode, on ``device``) from an official DUSt3R checkpoint.
@@ -244,23 +299,9 @@ def load_dust3r_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], d
 
     with torch.device('meta'):
         net = Dust3rNet(config)
-    expected = net.state_dict()
-    mapped, unexpected = map_official_state_dict(state)
-    unexpected += [our_key_to_official(k) or k for k in mapped if k not in expected]
-    missing = [our_key_to_official(k) or k for k in expected if k not in mapped]
-    mismatched = []
-    for key, value in mapped.items():
-        if key not in expected:
-            continue
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            mismatched.append(f'{our_key_to_official(key)}: not a float tensor ({type(value).__name__})')
-        elif value.shape != expected[key].shape:
-            mismatched.append(f'{our_key_to_official(key)}: checkpoint {tuple(value.shape)} vs model '
-                              f'{tuple(expected[key].shape)}')
-    if missing or unexpected or mismatched:
-        problems = [f'{len(items)} {kind}: {_examples(items)}' for kind, items in
-                    (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched))
-                    if items]
+    mapped, unmapped = map_official_state_dict(state)
+    problems = state_dict_problems(net.state_dict(), mapped, lambda key: our_key_to_official(key) or key, unmapped)
+    if problems:
         raise CheckpointError('checkpoint does not match the DUSt3R network; ' + '; '.join(problems))
     net.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True, assign=True)
     logger.info('loaded DUSt3R: encoder %dx%d, decoder %dx%d, %.1f M parameters', config.enc_embed_dim,

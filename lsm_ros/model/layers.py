@@ -77,8 +77,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         self.rope = rope
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, N, C), positions (B, N, 2) -> (B, N, C)."""
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x (B, N, C), positions (B, N, 2) (needed with RoPE only) -> (B, N, C)."""
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, D)
@@ -138,8 +138,8 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, N, C), positions (B, N, 2) -> (B, N, C)."""
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x (B, N, C), positions (B, N, 2) (needed with RoPE only) -> (B, N, C)."""
         x = x + self.attn(self.norm1(x), positions)
         return x + self.mlp(self.norm2(x))
 

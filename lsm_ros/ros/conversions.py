@@ -28,10 +28,17 @@ COLOR_ENCODINGS: dict[str, tuple[int, tuple[int, int, int]]] = {
 SUPPORTED_IMAGE_ENCODINGS: tuple[str, ...] = tuple(COLOR_ENCODINGS)
 DEPTH_ENCODING = '32FC1'
 
-# ~/points layout: x y z rgb confidence, all FLOAT32 (rgb: 0x00RRGGBB bits read as a float, as PCL/RViz).
+# ~/points layout: x y z rgb confidence, all FLOAT32 (rgb: 0x00RRGGBB bits read as a float, as PCL/RViz);
+# with semantic labels also ``label`` (UINT8 at offset 20, padded to a 24-byte point for 4-byte alignment).
 POINT_FIELD_NAMES: tuple[str, ...] = ('x', 'y', 'z', 'rgb', 'confidence')
 POINT_STEP = 4 * len(POINT_FIELD_NAMES)
+LABEL_FIELD_NAME = 'label'
+LABELLED_POINT_STEP = POINT_STEP + 4
 _POINT_DTYPE = np.dtype([(name, '<f4') for name in POINT_FIELD_NAMES])
+_LABELLED_POINT_DTYPE = np.dtype({'names': list(POINT_FIELD_NAMES) + [LABEL_FIELD_NAME],
+                                  'formats': ['<f4'] * len(POINT_FIELD_NAMES) + ['u1'],
+                                  'offsets': [4 * i for i in range(len(POINT_FIELD_NAMES))] + [POINT_STEP],
+                                  'itemsize': LABELLED_POINT_STEP})
 _POINTFIELD_NUMPY_TYPES = {PointField.INT8: 'i1', PointField.UINT8: 'u1', PointField.INT16: 'i2',
                            PointField.UINT16: 'u2', PointField.INT32: 'i4', PointField.UINT32: 'u4',
                            PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
@@ -130,6 +137,14 @@ def mono_to_image_msg(mono: np.ndarray, header: Header) -> Image:
     return _image_msg(mono, 'mono8', header)
 
 
+def mask_to_image_msg(mask: np.ndarray, header: Header) -> Image:
+    """(H, W) bool -> mono8 Image, 255 inside the mask and 0 outside."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != np.bool_:
+        raise ValueError(f'mask must be (H, W) bool, got {mask.shape} {mask.dtype}')
+    return _image_msg(mask.astype(np.uint8) * np.uint8(255), 'mono8', header)
+
+
 def depth_to_image_msg(depth: np.ndarray, header: Header) -> Image:
     """(H, W) depth (metres or model units along the optical axis, NaN invalid) -> 32FC1 Image (little endian)."""
     depth = np.asarray(depth)
@@ -212,26 +227,35 @@ def unpack_rgb_float(rgb_float: np.ndarray) -> np.ndarray:
     return np.stack([(packed >> 16) & 0xFF, (packed >> 8) & 0xFF, packed & 0xFF], axis=-1).astype(np.uint8)
 
 
-def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.ndarray,
-                            header: Header) -> PointCloud2:
-    """Unordered cloud (height 1) with FLOAT32 fields x y z rgb confidence, point_step 20, little endian.
+def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.ndarray, header: Header,
+                            labels: np.ndarray | None = None) -> PointCloud2:
+    """Unordered cloud (height 1) with FLOAT32 fields x y z rgb confidence, point_step 20, little endian; with
+    ``labels`` (N,) also a UINT8 ``label`` field at offset 20 (point_step 24).
 
-    ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,); points must be finite
-    (is_dense is true).
+    ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,), ``labels`` values in
+    [0, 255]; points must be finite (is_dense is true).
     """
     xyz = np.asarray(xyz)
     count = xyz.shape[0]
     if xyz.shape != (count, 3) or np.shape(rgb) != (count, 3) or np.shape(confidence) != (count,):
         raise ValueError(f'xyz (N,3), rgb (N,3), confidence (N,) expected, got {xyz.shape}, '
                          f'{np.shape(rgb)}, {np.shape(confidence)}')
-    points = np.empty(count, dtype=_POINT_DTYPE)
+    if labels is not None and (np.shape(labels) != (count,) or np.any(np.asarray(labels) < 0)
+                               or np.any(np.asarray(labels) > 255)):
+        raise ValueError(f'labels must be (N,) = ({count},) values in [0, 255], got shape {np.shape(labels)}')
+    points = np.zeros(count, dtype=_POINT_DTYPE if labels is None else _LABELLED_POINT_DTYPE)
     points['x'], points['y'], points['z'] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     points['rgb'] = pack_rgb_float(rgb)
     points['confidence'] = confidence
     fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
               for i, name in enumerate(POINT_FIELD_NAMES)]
+    point_step = POINT_STEP
+    if labels is not None:
+        points[LABEL_FIELD_NAME] = labels
+        fields.append(PointField(name=LABEL_FIELD_NAME, offset=POINT_STEP, datatype=PointField.UINT8, count=1))
+        point_step = LABELLED_POINT_STEP
     msg = PointCloud2(header=header, height=1, width=count, fields=fields, is_bigendian=False,
-                      point_step=POINT_STEP, row_step=POINT_STEP * count, is_dense=True)
+                      point_step=point_step, row_step=point_step * count, is_dense=True)
     msg.data = byte_array(points)
     return msg
 

@@ -15,8 +15,19 @@ camera's frame):
 - ``~/left/depth``, ``~/right/depth`` sensor_msgs/Image 32FC1 (NaN invalid), model resolution;
 - ``~/left/camera_info``, ``~/right/camera_info``: intrinsics of the depth images (model resolution);
 - ``~/relative_pose`` geometry_msgs/PoseStamped: the right camera in the left frame (only when PnP succeeded);
-- ``~/info`` lsm_ros/ReconstructionInfo: scale, intrinsics source, sizes, timings (every processed pair);
+- ``~/info`` lsm_ros/ReconstructionInfo: scale, intrinsics source, sizes, timings, active labels (every pair);
 - ``/tf`` left -> right TransformStamped, only when ``publish_tf`` (and the pose succeeded).
+
+With the semantic model (``reconstructor.semantic``: LSM + LSeg), every reconstruction is also labelled with the
+active label set (parameter ``labels``; value i = labels[i]):
+
+- ``~/semantic/labels`` sensor_msgs/Image mono8: arg-max label of each pixel of the left view (model resolution,
+  the geometry of ``~/left/depth``);
+- ``~/semantic/overlay`` sensor_msgs/Image rgb8: the label colours over the left model image (RViz);
+- ``~/points`` gains a UINT8 field ``label``: the label of each point's Gaussian;
+
+and the service ``~/query`` (lsm_ros/TextQuery) answers text phrases with masks, label images and scores on the
+latest reconstruction, in its own callback group: queries run while the worker computes the next pair.
 
 Images are paired by :class:`~lsm_ros.ros.sync.StereoSynchronizer`, checked in the subscription callback and
 reconstructed on one :class:`~lsm_ros.ros.sync.LatestPairWorker` thread: while a pair is being processed only
@@ -37,6 +48,7 @@ from typing import Any, Callable
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -44,6 +56,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
+from lsm_ros import semantics
 from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import CameraCalibration, Reconstruction, Reconstructor
@@ -52,6 +65,8 @@ from lsm_ros.ros.isolation import apply_node_environment_defaults
 from lsm_ros.ros.params import LsmParameters
 from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, CameraInfoCache, LatestPairWorker, RateLimitedLog,
                               Side, StereoPair, StereoSynchronizer)
+from lsm_ros.semantics import QueryResult
+from lsm_ros.srv import TextQuery
 
 NODE_NAME = 'lsm_node'
 # Input topics (relative: remap them, e.g. left/image_rect:=/stereo/left/image_rect).
@@ -71,6 +86,11 @@ INFO_TOPIC = '~/info'
 TF_TOPIC = '/tf'
 OUTPUT_TOPICS = (POINTS_TOPIC, LEFT_DEPTH_TOPIC, RIGHT_DEPTH_TOPIC, LEFT_MODEL_INFO_TOPIC, RIGHT_MODEL_INFO_TOPIC,
                  RELATIVE_POSE_TOPIC, INFO_TOPIC)
+# Outputs of the semantic model only.
+SEMANTIC_LABELS_TOPIC = '~/semantic/labels'
+SEMANTIC_OVERLAY_TOPIC = '~/semantic/overlay'
+SEMANTIC_TOPICS = (SEMANTIC_LABELS_TOPIC, SEMANTIC_OVERLAY_TOPIC)
+QUERY_SERVICE = '~/query'
 # Frames used when neither the parameter nor the image header names one.
 DEFAULT_LEFT_FRAME = 'lsm_left_camera_optical_frame'
 DEFAULT_RIGHT_FRAME = 'lsm_right_camera_optical_frame'
@@ -95,6 +115,10 @@ CHECKPOINT_HELP = (
     'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (or lsm_checkpoint:=/path/to/checkpoint-final.pth, whose config '
     'names the DUSt3R file), e.g. `ros2 run lsm_ros lsm_node --ros-args -p dust3r_checkpoint:=...`, '
     '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml.')
+
+
+class QueryRefused(ValueError):
+    """A ~/query request that cannot be answered; the message says why."""
 
 
 class InputRejected(ValueError):
@@ -124,6 +148,22 @@ class PreparedPair:
     left_frame: str
     right_frame: str
     received_s: float             # monotonic time the later image of the pair arrived
+
+
+@dataclass(frozen=True)
+class LatestReconstruction:
+    """The newest published reconstruction, kept for ~/query: the result, its stamp and frames, and the answer
+    of the active label set (both views; None for the geometry-only model or when labelling failed)."""
+
+    result: Reconstruction
+    stamp_ns: int
+    left_frame: str
+    right_frame: str
+    labelled: QueryResult | None
+
+    def frame_of(self, view: int) -> str:
+        """Optical frame of view ``view`` (0 left, 1 right)."""
+        return self.left_frame if view == 0 else self.right_frame
 
 
 class LsmNode(Node):
@@ -172,6 +212,14 @@ class LsmNode(Node):
             INFO_TOPIC: self.create_publisher(ReconstructionInfo, INFO_TOPIC, PRODUCT_QOS),
         }
         self._tf_publisher = None  # created when publish_tf is first true
+        self._latest: LatestReconstruction | None = None
+        if self._reconstructor.semantic:
+            self._publishers_by_topic[SEMANTIC_LABELS_TOPIC] = self.create_publisher(Image, SEMANTIC_LABELS_TOPIC,
+                                                                                     PRODUCT_QOS)
+            self._publishers_by_topic[SEMANTIC_OVERLAY_TOPIC] = self.create_publisher(Image, SEMANTIC_OVERLAY_TOPIC,
+                                                                                      PRODUCT_QOS)
+        # Own group: a query never waits for image callbacks (nor they for it); inference runs on the worker.
+        self.create_service(TextQuery, QUERY_SERVICE, self._on_query, callback_group=MutuallyExclusiveCallbackGroup())
         self._worker: LatestPairWorker[PreparedPair] = LatestPairWorker(
             self._process_pair, logger=self.get_logger(), name='lsm_inference',
             log_interval_s=node_config.log_throttle_s).start()
@@ -221,6 +269,9 @@ class LsmNode(Node):
                     f'camera info {"used" if cfg.use_camera_info else "ignored (intrinsics estimated)"}; '
                     f'waiting for {self.resolve_topic_name(LEFT_IMAGE_TOPIC)} and '
                     f'{self.resolve_topic_name(RIGHT_IMAGE_TOPIC)}')
+        if rec.semantic:
+            logger.info(f'semantic model: labels {list(cfg.labels)} on {self.resolve_topic_name(SEMANTIC_LABELS_TOPIC)}'
+                        f'; text queries on {self.resolve_service_name(QUERY_SERVICE)}')
         if not rec.trained_weights:
             banner = '!' * 100
             logger.error(f'\n{banner}\n  UNTRAINED WEIGHTS ({rec.weights}): every product of this node is '
@@ -233,8 +284,14 @@ class LsmNode(Node):
             self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
 
     def output_topic_names(self) -> dict[str, str]:
-        """Fully resolved names of the products: {'~/points': '/<ns>/lsm_node/points', ...}."""
-        return {topic: self.resolve_topic_name(topic) for topic in OUTPUT_TOPICS}
+        """Fully resolved names of the products: {'~/points': '/<ns>/lsm_node/points', ...}; the semantic ones
+        only with the semantic model."""
+        topics = OUTPUT_TOPICS + (SEMANTIC_TOPICS if self._reconstructor.semantic else ())
+        return {topic: self.resolve_topic_name(topic) for topic in topics}
+
+    def query_service_name(self) -> str:
+        """Fully resolved name of the ~/query service."""
+        return self.resolve_service_name(QUERY_SERVICE)
 
     @property
     def reconstructor(self) -> Reconstructor:
@@ -373,10 +430,23 @@ class LsmNode(Node):
         def right_header() -> Header:
             return conversions.make_header(stamp, pair.right_frame)
 
+        labelled = self._label(pair, result, cfg.labels) if self._reconstructor.semantic else None
+        with self._lock:
+            self._latest = LatestReconstruction(result=result, stamp_ns=pair.stamp_ns, left_frame=pair.left_frame,
+                                                right_frame=pair.right_frame, labelled=labelled)
         width, height = result.size
         points = result.points(stride=cfg.point_stride)
+        point_labels = None
+        if labelled is not None and labelled.point_labels is not None:
+            point_labels = labelled.point_labels[points['index']]
         self._publish(POINTS_TOPIC, lambda: conversions.pointcloud2_from_points(
-            points['xyz'], points['rgb'], points['confidence'], left_header()))
+            points['xyz'], points['rgb'], points['confidence'], left_header(), labels=point_labels))
+        if labelled is not None:
+            left_labels = labelled.label_images()[labelled.view_position(0)]
+            palette = semantics.label_palette(len(labelled.phrases))
+            self._publish(SEMANTIC_LABELS_TOPIC, lambda: conversions.mono_to_image_msg(left_labels, left_header()))
+            self._publish(SEMANTIC_OVERLAY_TOPIC, lambda: conversions.rgb_to_image_msg(
+                semantics.overlay(result.image_1, left_labels, cfg.overlay_alpha, palette), left_header()))
         self._publish(LEFT_DEPTH_TOPIC, lambda: conversions.depth_to_image_msg(result.depth_1, left_header()))
         self._publish(RIGHT_DEPTH_TOPIC, lambda: conversions.depth_to_image_msg(result.depth_2, right_header()))
         self._publish(LEFT_MODEL_INFO_TOPIC, lambda: conversions.model_camera_info(result.K_1, width, height,
@@ -401,13 +471,97 @@ class LsmNode(Node):
             k_right=np.asarray(result.K_2, dtype=np.float64).ravel().tolist(),
             num_points=int(points['xyz'].shape[0]), pose_valid=bool(result.pose.success),
             pose_inliers=int(result.pose.num_inliers),
-            inference_time_s=float(result.timings_s.get('network', 0.0)))
+            inference_time_s=float(result.timings_s.get('network', 0.0)),
+            labels=list(labelled.phrases) if labelled is not None else [])
         latency_s = time.monotonic() - pair.received_s
         info.total_time_s = float(latency_s)
         self._publish(INFO_TOPIC, lambda: info)
         with self._lock:
             self._counts['processed'] += 1
             self._latencies_s.append(latency_s)
+
+    def _label(self, pair: PreparedPair, result: Reconstruction, labels: tuple[str, ...]) -> QueryResult | None:
+        """The active label set's answer on both views; None (warned) when the query fails."""
+        try:
+            return self._reconstructor.query(result, labels, views=(0, 1))
+        except Exception as exc:  # noqa: BLE001 - the geometry products are still published
+            self._count('labelling_failures')
+            self._warnings.warning('labelling_failed', f'labelling the pair at {pair.stamp_ns * 1e-9:.6f} s with '
+                                   f'{list(labels)} failed ({type(exc).__name__}: {exc}): semantic products and '
+                                   'the label field not published')
+            return None
+
+    # ------------------------------------------------------------------------------------------ queries
+    def _on_query(self, request: TextQuery.Request, response: TextQuery.Response) -> TextQuery.Response:
+        """~/query: answer phrases on the latest reconstruction; refusals set success=false and say why."""
+        self._count('queries')
+        started = time.perf_counter()
+        try:
+            latest, answer, threshold = self._answer_query(request)
+            self._fill_query_response(response, latest, answer, threshold, request.label_images)
+        except QueryRefused as exc:
+            self._count('queries_refused')
+            self._warnings.warning('query_refused', f'~/query refused: {exc}')
+            return TextQuery.Response(success=False, message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed query must not stop the executor
+            self._count('queries_failed')
+            self.get_logger().error(f'~/query failed: {type(exc).__name__}: {exc}')
+            return TextQuery.Response(success=False, message=f'query failed: {type(exc).__name__}: {exc}')
+        response.message = (f'{len(answer.phrases)} phrase(s) on the {" and ".join(response.views)} view(s) of the '
+                            f'reconstruction at {latest.stamp_ns * 1e-9:.6f} s, threshold {threshold:g}, in '
+                            f'{time.perf_counter() - started:.2f} s')
+        return response
+
+    @staticmethod
+    def _fill_query_response(response: TextQuery.Response, latest: LatestReconstruction, answer: QueryResult,
+                             threshold: float, with_label_images: bool) -> None:
+        """Masks (view-major), optional label images, per-phrase scores, stamp and frames of an answer."""
+        stamp = conversions.nanoseconds_to_stamp(latest.stamp_ns)
+
+        def header(view: int) -> Header:
+            return conversions.make_header(stamp, latest.frame_of(view))
+
+        masks = answer.masks(threshold)
+        response.phrases = list(answer.phrases)
+        response.views = [semantics.VIEW_NAMES[v] for v in answer.views]
+        response.masks = [conversions.mask_to_image_msg(masks[position, p], header(view))
+                          for position, view in enumerate(answer.views) for p in range(len(answer.phrases))]
+        if with_label_images:
+            label_images = answer.label_images(threshold)
+            response.label_images = [conversions.mono_to_image_msg(label_images[position], header(view))
+                                     for position, view in enumerate(answer.views)]
+        response.scores = answer.scores(threshold).tolist()
+        response.max_probabilities = answer.max_probabilities().tolist()
+        response.max_similarities = answer.max_similarities().tolist()
+        response.stamp = stamp
+        response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
+        response.success = True
+
+    def _answer_query(self, request: TextQuery.Request) -> tuple[LatestReconstruction, QueryResult, float]:
+        """Check a request and compute its answer; raises :class:`QueryRefused` with the reason."""
+        if not self._reconstructor.semantic:
+            raise QueryRefused(f'lsm_node runs a geometry-only model ({self._reconstructor.weights}): text queries '
+                               'need the full LSM (set lsm_checkpoint, with dust3r_checkpoint and lseg_checkpoint '
+                               'unless the LSM file names them)')
+        threshold = float(request.threshold)
+        if not 0.0 <= threshold <= 1.0:   # false for NaN too
+            raise QueryRefused(f'threshold must be a probability in [0, 1] (0: plain arg-max), got {threshold!r}')
+        try:
+            views = semantics.parse_views(request.views)
+            phrases = semantics.validate_phrases(list(request.phrases)) if request.phrases \
+                else self._lsm_params.node_config.labels
+        except ValueError as exc:
+            raise QueryRefused(str(exc)) from exc
+        with self._lock:
+            latest = self._latest
+        if latest is None:
+            raise QueryRefused('no reconstruction yet: the first stereo pair is still awaited or being processed')
+        if latest.labelled is not None and latest.labelled.phrases == phrases:
+            return latest, latest.labelled.select_views(views), threshold
+        try:
+            return latest, self._reconstructor.query(latest.result, phrases, views=views), threshold
+        except (ValueError, RuntimeError) as exc:
+            raise QueryRefused(f'{type(exc).__name__}: {exc}') from exc
 
     def _publish_tf(self, T_left_right: np.ndarray, header: Header, right_frame: str) -> None:
         if right_frame == header.frame_id:

@@ -1,5 +1,7 @@
 """ROS parameters of ``lsm_node``: one per field of :class:`PipelineConfig` and :class:`NodeConfig`.
 
+Field types map to parameter types: bool, int (integer), float (double), str (string), tuple (string array).
+
 Each :class:`~lsm_ros.config.ParameterSpec` becomes a declared parameter with a ``ParameterDescriptor``
 (description, type, range, choices in ``additional_constraints``, read_only). Values from
 ``--ros-args --params-file`` / ``-p`` override the defaults at start-up and are validated there (a bad value
@@ -19,14 +21,16 @@ from rclpy.parameter import Parameter
 from lsm_ros.config import NodeConfig, ParameterSpec, PipelineConfig, all_parameter_specs, config_from_mapping
 
 _PARAMETER_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-                    float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+                    float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+                    tuple: ParameterType.PARAMETER_STRING_ARRAY}
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 ConfigListener = Callable[[PipelineConfig, NodeConfig], None]
 
 
 def parameter_descriptor(spec: ParameterSpec) -> ParameterDescriptor:
-    """The ROS descriptor of one configuration field (type, description, range, choices, read_only)."""
+    """The ROS descriptor of one configuration field (type, description, range, choices, other constraints in
+    words, read_only)."""
     descriptor = ParameterDescriptor(name=spec.name, type=_PARAMETER_TYPES[spec.type], description=spec.description,
                                      read_only=spec.read_only)
     constraints = []
@@ -42,6 +46,8 @@ def parameter_descriptor(spec: ParameterSpec) -> ParameterDescriptor:
                 from_value=int(spec.min_value if spec.min_value is not None else _INT64_MIN),
                 to_value=int(spec.max_value if spec.max_value is not None else _INT64_MAX), step=1)]
         constraints.append(f'range [{spec.min_value}, {spec.max_value}]')
+    if spec.constraints:
+        constraints.append(spec.constraints)
     if spec.read_only:
         constraints.append('read-only: set at start-up only')
     descriptor.additional_constraints = '; '.join(constraints)

@@ -1,0 +1,270 @@
+"""The LSM top level with tiny random weights: stage API, Gaussian head, official-file loading and its errors."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lsm_ros.model.checkpoint import CheckpointError, to_official_state_dict
+from lsm_ros.model.gaussian_head import (GaussianHead, GaussianHeadConfig, covariance_matrices,
+                                         knn_mean_squared_distance, quaternion_xyzw_to_matrix)
+from lsm_ros.model.lsm import _PTV3_CONFIG_KEYS as PTV3_OFFICIAL_KEYS
+from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig, _our_lsm_key_to_official, merge_points
+
+SIZE = 64  # image side of the tiny tests (a multiple of LSeg's 32)
+DUST3R_STRING = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
+                 "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
+                 "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=32, "
+                 "dec_depth=2, dec_num_heads=2)")
+
+
+@pytest.fixture(scope='module')
+def tiny_model() -> LargeSpatialModel:
+    torch.manual_seed(0)
+    return LargeSpatialModel(LsmConfig.tiny()).eval()
+
+
+@pytest.fixture(scope='module')
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return (torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
+            torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1)
+
+
+@pytest.fixture(scope='module')
+def stages(tiny_model, pair) -> dict:
+    geometry = tiny_model.geometry(*pair)
+    semantics = tiny_model.semantics(*pair)
+    return dict(geometry=geometry, semantics=semantics, gaussians=tiny_model.gaussians(*pair, geometry, semantics))
+
+
+# ---------------------------------------------------------------------------------------------- Gaussian head
+def _brute_force_knn(points: np.ndarray, k: int = 3) -> np.ndarray:
+    out = np.empty(len(points), np.float32)
+    for i, p in enumerate(points):
+        delta = (points - p).astype(np.float32)
+        squared = delta[:, 0] * delta[:, 0] + delta[:, 1] * delta[:, 1] + delta[:, 2] * delta[:, 2]
+        squared = np.delete(squared, i)
+        out[i] = np.sort(squared)[:k].sum() / k
+    return out
+
+
+def test_knn_distance_is_exact_with_duplicates() -> None:
+    points = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    points[10] = points[11] = points[12]          # a voxel of three equal points: their distance 0 counts
+    points[50] = points[51]
+    ours = knn_mean_squared_distance(torch.from_numpy(points)).numpy()
+    np.testing.assert_allclose(ours, _brute_force_knn(points), rtol=1e-6, atol=0)
+    assert ours[10] == pytest.approx(_brute_force_knn(points)[10]) and ours[10] > 0  # 2 zeros + 1 distance
+    with pytest.raises(ValueError, match='more than 3 points'):
+        knn_mean_squared_distance(torch.zeros(3, 3))
+
+
+def test_gaussian_head_activations() -> None:
+    torch.manual_seed(0)
+    head = GaussianHead(GaussianHeadConfig())
+    n = 200
+    features, means = torch.randn(n, 64), torch.randn(n, 3)
+    colors, residual = torch.rand(n, 3) * 2 - 1, torch.randn(n, 64)
+    out = head(features, means, colors, residual)
+    raw = head.gaussian_proj(features)
+    distance = torch.sqrt(torch.clamp_min(torch.from_numpy(_brute_force_knn(means.numpy())), 1e-7))
+    median = distance.sort().values[(n - 1) // 2]  # the lower middle value
+    expected_scales = (torch.exp(raw[:, :3]) * distance[:, None]).clamp(0.1 * median, 3 * median)
+    torch.testing.assert_close(out['scales'], expected_scales)
+    torch.testing.assert_close(out['rotations'], raw[:, 3:7] / raw[:, 3:7].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(out['opacities'], torch.sigmoid(raw[:, 7:8]))
+    sh = raw[:, 8:56].reshape(n, 16, 3).clone()
+    sh[:, 0] += (colors * 0.5) / 0.28209479177387814
+    multipliers = torch.tensor([1.0] + [0.125] * 3 + [0.03125] * 5 + [0.0078125] * 7)
+    torch.testing.assert_close(out['sh'], sh * multipliers[None, :, None])
+    torch.testing.assert_close(out['features'], raw[:, 56:] + residual)
+    assert set(out) >= {'means', 'scales', 'rotations', 'opacities', 'sh', 'features', 'covariances'}
+
+
+def test_quaternion_convention_is_real_part_last() -> None:
+    angle = 0.3
+    about_z = torch.tensor([0.0, 0.0, np.sin(angle / 2), np.cos(angle / 2)], dtype=torch.float32)  # (x, y, z, w)
+    expected = torch.tensor([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]],
+                            dtype=torch.float32)
+    torch.testing.assert_close(quaternion_xyzw_to_matrix(about_z), expected)
+    scales = torch.tensor([[1.0, 2.0, 3.0]])
+    cov = covariance_matrices(scales, about_z[None])[0]
+    torch.testing.assert_close(cov, expected @ torch.diag(scales[0] ** 2) @ expected.T)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def test_merge_points_normalises_like_the_official_code() -> None:
+    generator = torch.Generator().manual_seed(3)
+    pts1, pts2 = torch.randn(4, 5, 3, generator=generator), torch.randn(4, 5, 3, generator=generator) + 2
+    img1, img2 = torch.rand(3, 4, 5, generator=generator), torch.rand(3, 4, 5, generator=generator)
+    coord, color, center, scale = merge_points(pts1, pts2, img1, img2)
+    points = np.concatenate([pts1.reshape(-1, 3), pts2.reshape(-1, 3)]).astype(np.float64)
+    np.testing.assert_allclose(center.numpy().reshape(3), points.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(scale.item(), np.abs(points - points.mean(0)).max(), rtol=1e-6)
+    assert np.abs(coord.numpy()).max() == pytest.approx(1.0)
+    assert torch.equal(color[:20], img1.permute(1, 2, 0).reshape(-1, 3))  # view 1 row-major first
+    assert torch.equal(color[20:], img2.permute(1, 2, 0).reshape(-1, 3))
+
+
+def test_stage_shapes_and_row_order(tiny_model, pair, stages) -> None:
+    cfg = tiny_model.config
+    geometry, semantics, gaussians = stages['geometry'], stages['semantics'], stages['gaussians']
+    n = 2 * SIZE * SIZE
+    assert geometry['pts3d_1'].shape == (1, SIZE, SIZE, 3)
+    assert semantics['lseg_features'].shape == (2, cfg.lseg.out_c, SIZE // 2, SIZE // 2)
+    assert semantics['lseg_token_feature'].shape == (1, 2 * (SIZE // 16) ** 2, cfg.lseg.out_c)
+    assert semantics['lseg_res_feature'].shape == (2, cfg.head.feature_dim, SIZE, SIZE)
+    shapes = {k: tuple(v.shape) for k, v in gaussians.items()}
+    assert shapes['means'] == (n, 3) and shapes['scales'] == (n, 3) and shapes['rotations'] == (n, 4)
+    assert shapes['opacities'] == (n, 1) and shapes['sh'] == (n, 16, 3) and shapes['features'] == (n, 64)
+    # rows: view 1 row-major then view 2; means are the point maps
+    expected_means = torch.cat([geometry['pts3d_1'].reshape(-1, 3), geometry['pts3d_2'].reshape(-1, 3)])
+    torch.testing.assert_close(gaussians['means'], expected_means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gaussians['rotations'].norm(dim=1), torch.ones(n))
+    assert ((gaussians['opacities'] > 0) & (gaussians['opacities'] < 1)).all()
+    # the tokens are the 8x8 pools of view 1 then view 2, row-major
+    pooled = torch.nn.functional.avg_pool2d(semantics['lseg_features'], 8)
+    torch.testing.assert_close(semantics['lseg_token_feature'][0, :(SIZE // 16) ** 2],
+                               pooled[0].flatten(1).T)
+
+
+def test_batch_is_per_sample(tiny_model, pair, stages) -> None:
+    img1, img2 = (torch.cat([x, x.flip(-1)]) for x in pair)
+    geometry = tiny_model.geometry(img1, img2)
+    semantics = tiny_model.semantics(img1, img2)
+    batched = tiny_model.gaussians(img1, img2, geometry, semantics)
+    n = 2 * SIZE * SIZE
+    for key in ('means', 'scales', 'features', 'sh'):
+        torch.testing.assert_close(batched[key][:n], stages['gaussians'][key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='serialization orders'):
+        tiny_model.gaussians(img1, img2, geometry, semantics, serialization_order=[torch.zeros(4, n).long()])
+
+
+def test_label_logits(tiny_model, stages) -> None:
+    features = stages['gaussians']['features']
+    phrases = ['chair', 'a wooden table', 'wall']
+    text = tiny_model.text_features(phrases)
+    assert text.shape == (3, tiny_model.config.clip.embed_dim)
+    assert torch.equal(tiny_model.text_features(['wall'])[0], text[2])  # cached per phrase
+    maps = features.view(2, SIZE, SIZE, -1).permute(0, 3, 1, 2)
+    logits = tiny_model.view_label_logits(maps, text)
+    assert logits.shape == (2, 3, SIZE, SIZE) and logits.dtype == torch.float32
+    points = tiny_model.point_label_logits(features, text)
+    assert points.shape == (2 * SIZE * SIZE, 3)
+    # per Gaussian: logit_scale * cosine(expanded feature, text)
+    from lsm_ros.model.lseg import LSEG_LOGIT_SCALE
+    expanded = tiny_model.feature_expansion(features.T.reshape(1, -1, len(features), 1))[0, :, :, 0].T
+    cosine = torch.nn.functional.normalize(expanded, dim=1) @ text.float().T
+    torch.testing.assert_close(points, LSEG_LOGIT_SCALE * cosine, atol=0.02, rtol=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- official files
+def _official_files(model: LargeSpatialModel, directory: Path, *, extra_lsm: dict | None = None) -> dict:
+    """The tiny model saved as the three official files (the LSM file also carries DUSt3R/LSeg copies)."""
+    cfg = model.config
+    dust3r = to_official_state_dict(model.dust3r.state_dict())
+    torch.save({'args': argparse.Namespace(model=DUST3R_STRING), 'model': dust3r}, directory / 'dust3r.pth')
+    lseg = {'net.' + k: v for k, v in model.lseg.state_dict().items()}
+    lseg.update({'net.clip_pretrained.' + k: v for k, v in model.text_encoder.state_dict().items()})
+    torch.save({'state_dict': lseg, 'epoch': 3}, directory / 'lseg.ckpt')
+    own = {_our_lsm_key_to_official(k): v for k, v in model.state_dict().items()
+           if not k.startswith(('dust3r.', 'lseg.', 'text_encoder.'))}
+    own.update({'dust3r.dust3r.' + k: v for k, v in dust3r.items()})
+    own.update(extra_lsm or {})
+    config = {'dust3r_config': {'pretrained_model_name_or_path': 'pretrained/dust3r.pth'},
+              'lseg_config': {'pretrained_model_name_or_path': 'pretrained/lseg.ckpt', 'half_res': True},
+              'point_transformer_config': {k: list(v) if isinstance(v, tuple) else v for k, v in
+                                           ((k, getattr(cfg.ptv3, 'strides' if k == 'stride' else k)) for k in PTV3_OFFICIAL_KEYS)},
+              'gaussian_head_config': {'rgb_residual': True, 'feat_residual': False, 'd_gs_feats': 64}}
+    torch.save({'args': argparse.Namespace(model=f'LSM_Dust3R(config={config!r})'), 'model': own, 'epoch': 1},
+               directory / 'checkpoint-final.pth')
+    return config
+
+
+def test_official_files_round_trip(tiny_model, pair, stages, tmp_path) -> None:
+    _official_files(tiny_model, tmp_path)
+    # DUSt3R and LSeg are found next to the LSM file (the config's relative paths do not exist)
+    loaded = LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'checkpoint-final.pth',
+                                                         config=tiny_model.config)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    geometry = loaded.geometry(*pair)
+    semantics = loaded.semantics(*pair)
+    gaussians = loaded.gaussians(*pair, geometry, semantics)
+    for key in ('means', 'scales', 'rotations', 'features'):  # same weights: equal up to thread-order rounding
+        torch.testing.assert_close(gaussians[key], stages['gaussians'][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_official_file_errors(tiny_model, tmp_path) -> None:
+    config = _official_files(tiny_model, tmp_path)
+    lsm = tmp_path / 'checkpoint-final.pth'
+    with pytest.raises(CheckpointError, match='no LSM checkpoint'):
+        LargeSpatialModel.from_official_checkpoints(dust3r=tmp_path / 'dust3r.pth')
+    with pytest.raises(CheckpointError, match='not found'):
+        LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'absent.pth')
+    # an LSM file alone in another folder: the DUSt3R file it names cannot be found
+    lonely = tmp_path / 'lonely'
+    lonely.mkdir()
+    (lonely / 'checkpoint-final.pth').write_bytes(lsm.read_bytes())
+    with pytest.raises(CheckpointError, match='DUSt3R file named by the LSM checkpoint was not found'):
+        LargeSpatialModel.from_official_checkpoints(lsm=lonely / 'checkpoint-final.pth')
+    checkpoint = torch.load(lsm, weights_only=False)
+    # a DUSt3R file passed as the LSM file
+    with pytest.raises(CheckpointError, match='expected LSM_Dust3R'):
+        LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'dust3r.pth', dust3r=tmp_path / 'dust3r.pth',
+                                                    lseg=tmp_path / 'lseg.ckpt', config=tiny_model.config)
+    broken = dict(checkpoint, model={k: v for k, v in checkpoint['model'].items()
+                                     if not k.startswith('gaussian_head.')})
+    broken['model']['point_transformer.not_a_weight'] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r'missing keys: gaussian_head\.gaussian_proj\.weight.*unexpected '
+                                              r'keys: point_transformer\.not_a_weight'):
+        LargeSpatialModel.from_official_checkpoints(lsm=broken, dust3r=tmp_path / 'dust3r.pth',
+                                                    lseg=tmp_path / 'lseg.ckpt', config=tiny_model.config)
+    bad_config = dict(config, point_transformer_config=dict(config['point_transformer_config'], enable_rpe=True))
+    unsupported = dict(checkpoint, args=argparse.Namespace(model=f'LSM_Dust3R(config={bad_config!r})'))
+    with pytest.raises(CheckpointError, match='unsupported point_transformer_config keys'):
+        LargeSpatialModel.from_official_checkpoints(lsm=unsupported, dust3r=tmp_path / 'dust3r.pth',
+                                                    lseg=tmp_path / 'lseg.ckpt', config=tiny_model.config)
+    code = dict(checkpoint, args=argparse.Namespace(model="LSM_Dust3R(config=__import__('os').system('true'))"))
+    with pytest.raises(CheckpointError, match='refused'):
+        LargeSpatialModel.from_official_checkpoints(lsm=code, dust3r=tmp_path / 'dust3r.pth',
+                                                    lseg=tmp_path / 'lseg.ckpt', config=tiny_model.config)
+
+
+def test_lightning_hyper_parameters_are_read_as_plain_dicts(tmp_path, monkeypatch) -> None:
+    """LSeg's Lightning checkpoint pickles an AttributeDict of hyper-parameters: read as a dict, no code run;
+    any other global (here os.system) is still refused."""
+    import os
+    import sys
+    import types
+
+    from lsm_ros.model.checkpoint import load_checkpoint_file
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__ = 'pytorch_lightning.utilities.parsing'
+    AttributeDict.__qualname__ = 'AttributeDict'
+    fake = types.ModuleType('pytorch_lightning.utilities.parsing')
+    fake.AttributeDict = AttributeDict
+    for name in ('pytorch_lightning', 'pytorch_lightning.utilities'):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, 'pytorch_lightning.utilities.parsing', fake)
+    torch.save({'state_dict': {'net.w': torch.ones(2)}, 'hyper_parameters': AttributeDict(lr=0.1)},
+               tmp_path / 'lightning.ckpt')
+    monkeypatch.delitem(sys.modules, 'pytorch_lightning.utilities.parsing')
+    loaded = load_checkpoint_file(tmp_path / 'lightning.ckpt', mmap=True)
+    assert type(loaded['hyper_parameters']) is dict and loaded['hyper_parameters'] == {'lr': 0.1}
+    assert torch.equal(loaded['state_dict']['net.w'], torch.ones(2))
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ('true',)
+
+    torch.save({'x': RunsCode()}, tmp_path / 'code.ckpt')
+    with pytest.raises(CheckpointError, match="needs the global '(posix|os).system'"):
+        load_checkpoint_file(tmp_path / 'code.ckpt')

@@ -1,0 +1,202 @@
+"""Parity of the whole LSM with the official code (reference folder shared/reference/lsm_vitl_256).
+
+The reference weights (rule lsmref-v1) are regenerated from the manifest by the reference's own tool
+``lsmref``, written as the three official files (DUSt3R .pth, LSeg Lightning .ckpt, LSM checkpoint-final.pth
+naming the other two) and loaded with ``LargeSpatialModel.from_official_checkpoints(lsm=...)``.
+
+Compared, as the reference README prescribes (max |err| <= 1e-4 * max |ref|, fp32, CPU):
+- DUSt3R and LSeg end to end from the images, and the CLIP text features (float16: one rounding step);
+- PTv3, every Gaussian parameter and the label logits given the reference point maps, encoder tokens, LSeg
+  tokens and level-0 serialization order as inputs (end-to-end Gaussians are chaotic under 1e-6 changes of the
+  point maps: README §5.6); label logits are float16 quantities, compared with an absolute tolerance.
+This is the one full-size module of the suite (~10 GB peak RSS, a few minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lsm_ros.model.checkpoint import to_official_state_dict
+from lsm_ros.model.lseg import UNUSED_OFFICIAL_PREFIXES
+from lsm_ros.model.lsm import LargeSpatialModel
+from lsm_ros.reference_weights import find_reference_dir
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = find_reference_dir()
+if REFERENCE is None:
+    pytest.skip('reference folder lsm_vitl_256 not found (set LSM_ROS_SHARED)', allow_module_level=True)
+sys.path.insert(0, str(REFERENCE.parent))
+import lsmref  # noqa: E402  (lives next to the reference folder)
+
+MAX_RELATIVE_ERROR = 1e-4
+LABEL_LOGIT_ABS_TOLERANCE = 4e-3   # float16 logits of magnitude ~5: one rounding step is 2e-3 to 4e-3
+DUST3R_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2', 'enc_feat')
+LABELS = ('wall', 'floor', 'ceiling', 'chair', 'table', 'sofa', 'bed', 'other')
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _reference(name: str) -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / f'{name}.npz') as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LargeSpatialModel]:
+    """The model loaded from the three official-format files (written by lsmref, then deleted)."""
+    workdir = tmp_path_factory.mktemp('lsm_parity')
+    start = time.perf_counter()
+    paths = lsmref.save_official_checkpoints(str(REFERENCE), str(workdir))
+    gc.collect()
+    logger.info('wrote the official-format reference files in %.1f s', time.perf_counter() - start)
+    start = time.perf_counter()
+    loaded = LargeSpatialModel.from_official_checkpoints(lsm=paths['lsm'])  # DUSt3R/LSeg paths from its config
+    for path in paths.values():
+        Path(path).unlink()
+    logger.info('loaded them in %.1f s; peak RSS %.2f GiB', time.perf_counter() - start, _peak_rss_gib())
+    yield loaded
+
+
+@pytest.fixture(scope='module')
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.from_numpy(_reference('inputs')['images'])
+    return batch[0:1], batch[1:2]
+
+
+@pytest.fixture(scope='module')
+@torch.no_grad()
+def outputs(model: LargeSpatialModel, images: tuple[torch.Tensor, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Our arrays under the reference's names ('file.array'), full size where the reference reduces."""
+    img1, img2 = images
+    arrays: dict[str, np.ndarray] = {}
+    start = time.perf_counter()
+    geometry = model.geometry(img1, img2)
+    arrays.update({f'dust3r.{k}': geometry[k].numpy() for k in DUST3R_KEYS})
+    semantics = model.semantics(img1, img2)
+    arrays.update({f'lseg.{k}': v.numpy() for k, v in semantics.items()})
+    text = model.text_encoder
+    arrays['lseg.text_tokens'] = text.tokenize(LABELS).numpy().astype(np.int32)
+    arrays['lseg.text_features'] = text.encode(text.tokenize(LABELS)).numpy()
+    text_normalized = model.text_features(LABELS)
+    arrays['lseg.text_features_normalized'] = text_normalized.numpy()
+    logger.info('DUSt3R + LSeg + text in %.1f s', time.perf_counter() - start)
+
+    # PTv3 onwards from the reference inputs (README §5.6)
+    dust3r_ref, lseg_ref, ptv3_ref = _reference('dust3r'), _reference('lseg'), _reference('ptv3')
+    geometry_ref = {k: torch.from_numpy(dust3r_ref[k]) for k in DUST3R_KEYS}
+    semantics_mixed = dict(semantics, lseg_token_feature=torch.from_numpy(lseg_ref['lseg_token_feature']))
+    order0 = torch.from_numpy(ptv3_ref['order0']).long()
+    start = time.perf_counter()
+    gaussians = model.gaussians(img1, img2, geometry_ref, semantics_mixed, serialization_order=order0)
+    logger.info('PTv3 + Gaussian head in %.1f s; peak RSS %.2f GiB', time.perf_counter() - start, _peak_rss_gib())
+    arrays['ptv3.center'] = gaussians['center'].numpy().reshape(1, 1, 3)
+    arrays['ptv3.scale'] = gaussians['scale'].numpy().reshape(1, 1, 1)
+    arrays['ptv3.out_feat'] = gaussians['point_features'].numpy()
+    for ours, theirs in (('means', 'means'), ('scales', 'scales'), ('rotations', 'rotations'),
+                         ('opacities', 'opacities'), ('sh', 'sh_coeffs'), ('features', 'gs_feats'),
+                         ('covariances', 'covs')):
+        arrays[f'gaussians.{theirs}'] = gaussians[ours].numpy()
+    arrays['gaussians.means_full'] = gaussians['means'].numpy()
+    arrays['gaussians.knn_mean_sq_dist'] = gaussians['knn_mean_sq_dist'].numpy()
+
+    # PTv3 per level (same inputs, intermediates recorded; our level order is the reference's)
+    from lsm_ros.model.lsm import merge_points
+    coord, color, _, _ = merge_points(geometry_ref['pts3d_1'][0], geometry_ref['pts3d_2'][0], img1[0], img2[0])
+    levels: dict = {}
+    model.point_transformer(coord, torch.cat([coord, color], 1), geometry_ref['enc_feat'],
+                            semantics_mixed['lseg_token_feature'], semantics_mixed['lseg_token_feature'],
+                            serialization_order=order0, intermediates=levels)
+    for key, value in levels.items():
+        value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if key.endswith('_grid_coord'):  # the reference stores them at its per-level subsets only
+            value = value[ptv3_ref[key.replace('grid_coord', 'idx')]]
+        arrays[f'ptv3.{key}'] = value
+    arrays['ptv3.grid_coord0'] = levels['enc0_grid_coord'].numpy()
+
+    # labels: LSM's decoding of each source view's per-pixel Gaussian features (no-render proxy, README §4.6)
+    height, width = img1.shape[-2:]
+    feature_maps = gaussians['features'].view(2, height, width, -1).permute(0, 3, 1, 2)
+    logits = model.view_label_logits(feature_maps, text_normalized)
+    arrays['labels.logits'] = logits.numpy()
+    arrays['labels.argmax'] = logits.argmax(dim=1).numpy().astype(np.uint8)
+    expanded = model.feature_expansion(torch.nn.functional.interpolate(
+        feature_maps, scale_factor=0.5, mode='bilinear', align_corners=False))
+    arrays['labels.expanded_features'] = expanded.numpy()
+    return arrays
+
+
+def test_official_layout_matches_manifest() -> None:
+    """Our modules hold exactly the manifest's keys and shapes, under the official names, except the official
+    entries inference never reads (CroCo's mask token, CLIP's image tower, LSeg's ViT classifier; see
+    lseg.UNUSED_OFFICIAL_PREFIXES)."""
+    from lsm_ros.model.lsm import _our_lsm_key_to_official
+    with torch.device('meta'):
+        net = LargeSpatialModel()
+    ours: dict[str, tuple[int, ...]] = {}
+    for key, value in net.state_dict().items():
+        part, rest = key.split('.', 1)
+        if part == 'dust3r':
+            name = 'dust3r.dust3r.' + next(iter(to_official_state_dict({rest: value})))
+        elif part == 'lseg':
+            name = 'lseg_feature_extractor.' + rest
+        elif part == 'text_encoder':
+            name = 'lseg_feature_extractor.clip_pretrained.' + rest
+        else:
+            name = _our_lsm_key_to_official(key)
+        ours[name] = tuple(value.shape)
+    manifest = {name: shape for name, shape, _, alias in lsmref.read_manifest(str(REFERENCE)) if not alias}
+    unused = {name for name in manifest if name == 'dust3r.dust3r.mask_token'
+              or name.startswith(tuple('lseg_feature_extractor.' + p for p in UNUSED_OFFICIAL_PREFIXES))}
+    assert {k: v for k, v in manifest.items() if k not in unused} == ours
+
+
+def _relative_errors(outputs: dict[str, np.ndarray], prefix: str) -> dict[str, dict]:
+    report = io.StringIO()
+    stats = lsmref.compare({k: v for k, v in outputs.items() if k.startswith(prefix)}, str(REFERENCE),
+                           file=report)
+    logger.info('lsmref.compare (%s):\n%s', prefix, report.getvalue())
+    assert stats, prefix
+    for key, stat in stats.items():
+        assert 'error' not in stat, (key, stat)
+    return stats
+
+
+@pytest.mark.parametrize('prefix', ['dust3r.', 'lseg.lseg_', 'ptv3.', 'gaussians.'])
+def test_float_arrays_match(outputs: dict[str, np.ndarray], prefix: str) -> None:
+    stats = _relative_errors(outputs, prefix)
+    for key, stat in stats.items():
+        if 'max_rel' in stat:
+            assert stat['finite'], key
+            assert stat['max_rel'] <= MAX_RELATIVE_ERROR, f"{key}: max relative error {stat['max_rel']:.3e}"
+        else:
+            assert stat['n_mismatch'] == 0, (key, stat)
+
+
+def test_text_encoder_matches(outputs: dict[str, np.ndarray]) -> None:
+    reference = _reference('lseg')
+    assert np.array_equal(outputs['lseg.text_tokens'], reference['text_tokens'])
+    for key in ('text_features', 'text_features_normalized'):
+        ours, theirs = outputs[f'lseg.{key}'], reference[key]
+        assert ours.dtype == np.float16
+        steps = np.abs(ours.astype(np.float32) - theirs.astype(np.float32)) / np.spacing(np.abs(theirs))
+        assert steps.max() <= 1, f'{key}: {steps.max()} float16 rounding steps'
+
+
+def test_label_logits_match(outputs: dict[str, np.ndarray]) -> None:
+    stats = _relative_errors(outputs, 'labels.')
+    assert stats['labels.expanded_features']['max_rel'] <= MAX_RELATIVE_ERROR
+    assert stats['labels.logits']['max_abs'] <= LABEL_LOGIT_ABS_TOLERANCE, stats['labels.logits']
+    assert stats['labels.argmax']['n_mismatch'] == 0
