@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import Mlp
 from .serialization import ORDERS, grid_depth, serialization_codes
 from .sparse_conv import NeighbourMap, build_neighbour_map, submanifold_conv
 
@@ -161,19 +162,6 @@ class SubMConv3d(nn.Module):
     def forward(self, feat: Tensor, neighbour_map: NeighbourMap) -> Tensor:
         """(N, in) -> (N, out)."""
         return submanifold_conv(feat, self.weight, self.bias, neighbour_map)
-
-
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2."""
-
-    def __init__(self, channels: int, hidden_channels: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(channels, hidden_channels)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def patch_gather_index(order: Tensor, patch_size: int) -> Tensor:
