@@ -248,9 +248,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         paths.update(save_query(answer, Path(args.out), args.threshold))
         for phrase, score in zip(answer.phrases, answer.scores(args.threshold)):
             _log.info('query %-24r %5.1f %% of the pixels', phrase, 100.0 * score)
-    _log.info('%dx%d, pose %s (%d inliers), |t| = %.4f %s, intrinsics %s; network %.2f s',
+    _log.info('%dx%d, pose %s (%d inliers), |t| = %.4f %s, intrinsics %s; %s',
               rec.size[0], rec.size[1], 'ok' if rec.pose.success else 'FAILED', rec.pose.num_inliers, rec.baseline,
-              'm' if rec.metric_scale else 'model units', rec.intrinsics_source, rec.timings_s['network'])
+              'm' if rec.metric_scale else 'model units', rec.intrinsics_source,
+              ', '.join(f'{stage} {seconds:.2f} s' for stage, seconds in rec.timings_s.items()))
     for name, path in paths.items():
         _log.info('wrote %-16s %s', name, path)
     warn_untrained(reconstructor)

@@ -14,7 +14,8 @@ import numpy as np
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray | None = None,
               scalars: Mapping[str, np.ndarray] | None = None) -> Path:
     """Binary little-endian PLY of N points: ``xyz`` (N,3) float32, optional ``rgb`` (N,3) uint8 (red, green,
-    blue properties, as MeshLab/CloudCompare/Open3D read them) and extra float32 per-point ``scalars``."""
+    blue properties, as MeshLab/CloudCompare/Open3D read them) and extra per-point ``scalars``: uint8 arrays (e.g.
+    labels) are written as uchar properties, anything else as float32."""
     path = Path(path)
     xyz = np.asarray(xyz, dtype=np.float32).reshape(-1, 3)
     n = len(xyz)
@@ -28,7 +29,8 @@ def write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray | None = None,
         values = np.asarray(values).reshape(-1)
         if len(values) != n:
             raise ValueError(f'scalar {name!r} has {len(values)} values for {n} points')
-        fields.append((name, 'f4', values.astype(np.float32)))
+        kind = 'u1' if values.dtype == np.uint8 else 'f4'
+        fields.append((name, kind, values.astype(kind)))
     record = np.empty(n, dtype=[(name, '<' + kind) for name, kind, _ in fields])
     for name, _, values in fields:
         record[name] = values

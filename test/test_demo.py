@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from lsm_ros.io import read_ply
 from lsm_ros.ros.bag_player import detect_stereo_topics, read_stereo_frames
-from lsm_ros.ros.demo import run_demo
+from lsm_ros.ros.demo import ProductRecorder, run_demo
 from lsm_ros.ros.synthetic import StereoRig, render_stereo_frame, write_synthetic_stereo_bag
+from lsm_ros.semantics import DEFAULT_LABELS, label_palette, unique_slugs
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,6 +41,65 @@ def test_demo_writes_every_file_for_two_pairs(tmp_path: Path, tiny_reconstructor
     readme = (tmp_path / 'README.txt').read_text()
     assert 'UNTRAINED WEIGHTS' in readme and 'Played 2 stereo pairs' in readme
     assert set(summary['files']) <= {p.name for p in tmp_path.iterdir()}
+    # geometry only: no semantic product, no query
+    assert summary['labels'] is None and summary['query'] is None and 'label' not in cloud
+    assert not list(tmp_path.glob('labels*')) and not (tmp_path / 'query.json').exists()
+    assert 'labels_XXXX.png' not in readme
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A PNG as written: (H, W) grey or (H, W, 3) RGB."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, path
+    return image if image.ndim == 2 else image[..., ::-1]
+
+
+def test_demo_records_semantic_products(tmp_path: Path, tiny_lsm_reconstructor: Any, stereo_bag: Path) -> None:
+    phrases = ['floor', 'wall', 'chair']
+    summary = run_demo(tmp_path, bag=stereo_bag, max_pairs=1, reconstructor=tiny_lsm_reconstructor,
+                       pair_timeout_s=90, query_phrases=phrases)
+    assert summary['pairs_reconstructed'] == 1 and summary['model_resolution'] == [224, 224]
+    received = summary['products_received']
+    assert received['~/semantic/labels'] == received['~/semantic/overlay'] == received['~/points'] == 1
+
+    legend = json.loads((tmp_path / 'labels.json').read_text())['labels']
+    labels = [entry['phrase'] for entry in legend]
+    assert labels == list(DEFAULT_LABELS) == summary['labels'] and [e['index'] for e in legend] == list(range(8))
+    colours = np.array([entry['rgb'] for entry in legend], np.uint8)
+    np.testing.assert_array_equal(colours, label_palette(len(labels)))      # the node's overlay colours
+    label_image = _read_png(tmp_path / 'labels_0000.png')
+    assert label_image.shape == (224, 224, 3)
+    assert (label_image[:, :, None] == colours).all(axis=-1).any(axis=-1).all()   # every pixel: a legend colour
+    assert _read_png(tmp_path / 'overlay_0000.png').shape == (224, 224, 3)
+    cloud = read_ply(tmp_path / 'points_0000.ply')
+    assert len(cloud['label']) == len(cloud['x']) > 0
+    assert (cloud['label'] == np.round(cloud['label'])).all() and 0 <= cloud['label'].min()
+    assert cloud['label'].max() < len(labels)
+
+    query = json.loads((tmp_path / 'query.json').read_text())
+    assert query['success'] is True and query['phrases'] == phrases and query['views'] == ['left', 'right']
+    assert len(query['scores']) == len(query['max_probabilities']) == len(phrases) and query['pair_index'] == 0
+    assert sum(query['scores']) == pytest.approx(1.0, abs=1e-5)        # threshold 0: every pixel in one mask
+    for view in ('left', 'right'):
+        masks = np.stack([_read_png(tmp_path / 'query_masks' / f'{view}_{slug}.png') for slug in unique_slugs(phrases)])
+        assert masks.shape == (len(phrases), 224, 224) and set(np.unique(masks)) <= {0, 255}
+        assert ((masks == 255).sum(axis=0) == 1).all()                  # the masks of a view partition its pixels
+    assert query['masks']['chair'] == {'left': 'query_masks/left_chair.png', 'right': 'query_masks/right_chair.png'}
+    assert summary['query'] == {'phrases': phrases, 'success': True, 'message': query['message']}
+    readme = (tmp_path / 'README.txt').read_text()
+    assert 'labels_XXXX.png' in readme and 'query.json' in readme and 'meaningless' in readme
+    assert set(summary['files']) <= {str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')}
+
+
+def test_a_failed_query_is_recorded_not_raised(tmp_path: Path, ros_context: Any) -> None:
+    recorder = ProductRecorder(tmp_path, {}, record_tf=False, context=ros_context)
+    try:
+        record = recorder.record_query('/no_such_node/query', ['chair'], timeout_s=0.5)
+    finally:
+        recorder.destroy_node()
+    saved = json.loads((tmp_path / 'query.json').read_text())
+    assert saved == record == {'phrases': ['chair'], 'success': False,
+                               'message': 'service /no_such_node/query not available'}
 
 
 def test_synthetic_bag_is_deterministic_and_has_the_euroc_layout(tmp_path: Path) -> None:

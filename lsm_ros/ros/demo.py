@@ -16,7 +16,10 @@ with (latest pair wins).
 
 Files written to ``out_dir``: ``points_XXXX.ply`` (x y z, red green blue, confidence), ``left_depth_XXXX.png``
 (false colour) and ``.npy`` (float32, NaN invalid), ``relative_pose.csv``, ``info.jsonl``, ``summary.json``
-and ``README.txt`` (XXXX = index of the played pair).
+and ``README.txt`` (XXXX = index of the played pair). With the semantic model also ``labels_XXXX.png`` (the
+left label image in the colours of ``labels.json``, the legend of the active label set), ``overlay_XXXX.png``
+(``~/semantic/overlay``), a ``label`` property in the ply files and, after the last pair, one ``~/query``
+answer: ``query_masks/{left,right}_<phrase>.png`` and ``query.json``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import rclpy
@@ -39,7 +42,8 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from tf2_msgs.msg import TFMessage
 
-from lsm_ros.io import depth_to_color, write_json, write_ply, write_rgb_png
+from lsm_ros import semantics
+from lsm_ros.io import depth_to_color, write_json, write_mono_png, write_ply, write_rgb_png
 from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import Reconstructor
 from lsm_ros.ros import conversions
@@ -47,9 +51,10 @@ from lsm_ros.ros.bag_player import BagPlayer, detect_stereo_topics, stereo_playb
 from lsm_ros.ros.isolation import apply_localhost_only_environment
 from lsm_ros.ros.node import (INFO_TOPIC, LEFT_DEPTH_TOPIC, LEFT_IMAGE_TOPIC, LEFT_INFO_TOPIC, LEFT_MODEL_INFO_TOPIC,
                               POINTS_TOPIC, RELATIVE_POSE_TOPIC, RIGHT_DEPTH_TOPIC, RIGHT_IMAGE_TOPIC, RIGHT_INFO_TOPIC,
-                              RIGHT_MODEL_INFO_TOPIC, TF_TOPIC, LsmNode)
+                              RIGHT_MODEL_INFO_TOPIC, SEMANTIC_LABELS_TOPIC, SEMANTIC_OVERLAY_TOPIC, TF_TOPIC, LsmNode)
 from lsm_ros.ros.synthetic import write_synthetic_stereo_bag
 from lsm_ros.shared_data import shared_directory
+from lsm_ros.srv import TextQuery
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +65,13 @@ SYNTHETIC_BAG_NAME = 'synthetic_stereo_bag'
 RECORDER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 _PRODUCT_TYPES = {POINTS_TOPIC: PointCloud2, LEFT_DEPTH_TOPIC: Image, RIGHT_DEPTH_TOPIC: Image,
                   LEFT_MODEL_INFO_TOPIC: CameraInfo, RIGHT_MODEL_INFO_TOPIC: CameraInfo,
-                  RELATIVE_POSE_TOPIC: PoseStamped, INFO_TOPIC: ReconstructionInfo}
+                  RELATIVE_POSE_TOPIC: PoseStamped, INFO_TOPIC: ReconstructionInfo,
+                  SEMANTIC_LABELS_TOPIC: Image, SEMANTIC_OVERLAY_TOPIC: Image}
+DEFAULT_QUERY_PHRASES = ('floor', 'wall', 'chair')
+QUERY_MASKS_DIR = 'query_masks'
+# Colour i of label_palette does not depend on the palette's length: these are the colours of the node's overlay
+# and of labels.json for every label set (at most MAX_PHRASES labels).
+LABEL_PALETTE = semantics.label_palette(semantics.MAX_PHRASES)
 
 
 def default_bag(out_dir: Path) -> tuple[Path, str]:
@@ -76,7 +87,8 @@ def default_bag(out_dir: Path) -> tuple[Path, str]:
 
 
 class ProductRecorder(Node):
-    """Subscribes to every product of ``lsm_node`` and writes the demo's files (see the module docstring)."""
+    """Subscribes to the products of ``lsm_node`` named in ``topics`` and writes the demo's files (see the module
+    docstring); asks ``~/query`` once on request."""
 
     def __init__(self, out_dir: Path, topics: Mapping[str, str], *, record_tf: bool, **node_kwargs: Any) -> None:
         super().__init__('lsm_demo_recorder', **node_kwargs)
@@ -93,9 +105,10 @@ class ProductRecorder(Node):
         self.files.append('info.jsonl')
         handlers: dict[str, Callable[[Any], None]] = {
             POINTS_TOPIC: self._on_points, LEFT_DEPTH_TOPIC: self._on_left_depth,
-            RELATIVE_POSE_TOPIC: self._on_pose, INFO_TOPIC: self._on_info}
-        for key, msg_type in _PRODUCT_TYPES.items():
-            self.create_subscription(msg_type, self.topics[key], self._counting(key, handlers.get(key)), RECORDER_QOS)
+            RELATIVE_POSE_TOPIC: self._on_pose, INFO_TOPIC: self._on_info,
+            SEMANTIC_LABELS_TOPIC: self._on_labels, SEMANTIC_OVERLAY_TOPIC: self._on_overlay}
+        for key, topic in topics.items():
+            self.create_subscription(_PRODUCT_TYPES[key], topic, self._counting(key, handlers.get(key)), RECORDER_QOS)
         if record_tf:
             self.topics[TF_TOPIC] = TF_TOPIC
             self.create_subscription(TFMessage, TF_TOPIC, self._counting(TF_TOPIC, None), 100)
@@ -128,7 +141,8 @@ class ProductRecorder(Node):
     def _on_points(self, msg: PointCloud2) -> None:
         cloud = conversions.pointcloud2_to_numpy(msg)
         name = f'points_{self._index(conversions.stamp_to_nanoseconds(msg.header.stamp)):04d}.ply'
-        write_ply(self.out_dir / name, cloud['xyz'], cloud['rgb_u8'], {'confidence': cloud['confidence']})
+        scalars = {key: cloud[key] for key in ('confidence', conversions.LABEL_FIELD_NAME) if key in cloud}
+        write_ply(self.out_dir / name, cloud['xyz'], cloud['rgb_u8'], scalars)
         self.files.append(name)
 
     def _on_left_depth(self, msg: Image) -> None:
@@ -137,6 +151,16 @@ class ProductRecorder(Node):
         np.save(self.out_dir / f'{stem}.npy', depth)
         write_rgb_png(self.out_dir / f'{stem}.png', depth_to_color(depth))
         self.files += [f'{stem}.npy', f'{stem}.png']
+
+    def _on_labels(self, msg: Image) -> None:
+        name = f'labels_{self._index(conversions.stamp_to_nanoseconds(msg.header.stamp)):04d}.png'
+        write_rgb_png(self.out_dir / name, semantics.colorize_labels(_mono8(msg), LABEL_PALETTE))
+        self.files.append(name)
+
+    def _on_overlay(self, msg: Image) -> None:
+        name = f'overlay_{self._index(conversions.stamp_to_nanoseconds(msg.header.stamp)):04d}.png'
+        write_rgb_png(self.out_dir / name, conversions.image_to_numpy(msg))
+        self.files.append(name)
 
     def _on_pose(self, msg: PoseStamped) -> None:
         with self._condition:
@@ -190,6 +214,63 @@ class ProductRecorder(Node):
         self.files.append(path.name)
         return path
 
+    def write_label_legend(self) -> list[str] | None:
+        """labels.json: index, phrase and colour of each label of the last pair's active label set; returns the
+        labels (None, and no file, when no pair was labelled)."""
+        with self._condition:
+            labels = list(self.infos[max(self.infos)].labels) if self.infos else []
+        if not labels:
+            return None
+        write_json(self.out_dir / 'labels.json', {'labels': [
+            {'index': index, 'phrase': phrase, 'rgb': LABEL_PALETTE[index]} for index, phrase in enumerate(labels)]})
+        self.files.append('labels.json')
+        return labels
+
+    def record_query(self, service: str, phrases: Sequence[str], timeout_s: float) -> dict[str, Any]:
+        """Ask ``service`` (``~/query``) ``phrases`` on both views of the latest reconstruction; write the masks
+        to query_masks/ and the answer to query.json. A failure (no service, no answer in ``timeout_s``,
+        refusal) is logged and recorded with success false and its message; returns query.json's content."""
+        record: dict[str, Any] = dict(phrases=list(phrases), success=False, message='')
+        client = self.create_client(TextQuery, service)
+        try:
+            if not client.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
+                raise TimeoutError(f'service {service} not available')
+            response = client.call(TextQuery.Request(phrases=list(phrases)), timeout_sec=timeout_s)
+            if response.success:
+                record.update(self._write_query_masks(response))
+            record.update(success=bool(response.success), message=response.message)
+        except TimeoutError as exc:
+            record['message'] = str(exc) or f'no answer from {service} within {timeout_s:.0f} s'
+        except Exception as exc:  # noqa: BLE001 - a failed query is recorded, the demo goes on
+            record['message'] = f'{type(exc).__name__}: {exc}'
+        finally:
+            self.destroy_client(client)
+        write_json(self.out_dir / 'query.json', record)
+        self.files.append('query.json')
+        if record['success']:
+            _log.info('query on pair %d: %s', record['pair_index'], ', '.join(
+                f'{phrase!r} {100.0 * score:.1f} %' for phrase, score in zip(record['phrases'], record['scores'])))
+        else:
+            _log.warning('query %s failed: %s', list(phrases), record['message'])
+        return record
+
+    def _write_query_masks(self, response: TextQuery.Response) -> dict[str, Any]:
+        """Write each (view, phrase) mask of a successful answer; its query.json fields."""
+        phrases = list(response.phrases)
+        slugs = semantics.unique_slugs(phrases)
+        masks: dict[str, dict[str, str]] = {phrase: {} for phrase in phrases}
+        for position, view in enumerate(response.views):
+            for index, (phrase, slug) in enumerate(zip(phrases, slugs)):
+                name = f'{QUERY_MASKS_DIR}/{view}_{slug}.png'
+                write_mono_png(self.out_dir / name, _mono8(response.masks[position * len(phrases) + index]))
+                masks[phrase][view] = name
+                self.files.append(name)
+        stamp_ns = conversions.stamp_to_nanoseconds(response.stamp)
+        return dict(phrases=phrases, views=list(response.views), pair_index=self._index(stamp_ns),
+                    stamp_s=stamp_ns * 1e-9, scores=list(response.scores),
+                    max_probabilities=list(response.max_probabilities),
+                    max_similarities=list(response.max_similarities), masks=masks)
+
     def destroy_node(self) -> None:
         self._info_log.close()
         super().destroy_node()
@@ -201,14 +282,23 @@ def info_to_dict(msg: ReconstructionInfo) -> dict[str, Any]:
                 metric_scale=bool(msg.metric_scale), scale_source=msg.scale_source, scale_factor=msg.scale_factor,
                 baseline_m=msg.baseline_m, intrinsics_source=msg.intrinsics_source, width=msg.width,
                 height=msg.height, k_left=[float(v) for v in msg.k_left], k_right=[float(v) for v in msg.k_right],
-                num_points=msg.num_points, pose_inliers=msg.pose_inliers,
-                inference_time_s=float(msg.inference_time_s), total_time_s=float(msg.total_time_s))
+                num_points=msg.num_points, pose_valid=bool(msg.pose_valid), pose_inliers=msg.pose_inliers,
+                inference_time_s=float(msg.inference_time_s), total_time_s=float(msg.total_time_s),
+                labels=list(msg.labels))
+
+
+def _mono8(msg: Image) -> np.ndarray:
+    """A mono8 Image as (H, W) uint8."""
+    if msg.encoding != 'mono8':
+        raise ValueError(f'expected a mono8 image, got {msg.encoding!r}')
+    return conversions.image_to_numpy(msg)[..., 0]   # mono8 comes back replicated into three channels
 
 
 def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: int | None = 5,
              reconstructor: Reconstructor | None = None, realtime: bool = False, rate: float = 1.0,
              publish_tf: bool = True, node_parameters: Mapping[str, Any] | None = None,
-             pair_timeout_s: float = 300.0, domain_id: int | None = None) -> dict[str, Any]:
+             pair_timeout_s: float = 300.0, domain_id: int | None = None,
+             query_phrases: Sequence[str] | None = DEFAULT_QUERY_PHRASES) -> dict[str, Any]:
     """Play a stereo bag into ``lsm_node`` and record its products in ``out_dir``; returns the summary.
 
     ``bag``: rosbag2 folder (or a file in it) with ``.../{left,right}/{image_raw|image_rect, camera_info}``
@@ -216,7 +306,10 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
     builds one from ``node_parameters``' checkpoint paths). ``max_pairs``: None plays the whole bag.
     ``realtime``/``rate``: pacing (see the module docstring). ``pair_timeout_s``: longest wait for one pair's
     products. The network stays on localhost (``domain_id``: default kept if set, else per process).
+    ``query_phrases``: asked once to ``~/query`` after the last pair when the model is semantic (None or empty:
+    no query); checked before anything runs (ValueError).
     """
+    phrases = semantics.validate_phrases(query_phrases) if query_phrases else ()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     environment = apply_localhost_only_environment(domain_id)
@@ -279,14 +372,20 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
         # the last products travel on several topics: give the slower ones a moment (pose and /tf only exist
         # for pairs whose pose succeeded, hence the short second wait)
         expected = len(recorder.infos)
-        recorder.wait_for(lambda: all(recorder.counts[key] >= expected for key in _PRODUCT_TYPES
-                                      if key != RELATIVE_POSE_TOPIC), 5.0)
+        recorder.wait_for(lambda: all(recorder.counts[key] >= expected for key in recorder.topics
+                                      if key not in (RELATIVE_POSE_TOPIC, TF_TOPIC)), 5.0)
         recorder.wait_for(lambda: all(recorder.counts[key] >= expected
                                       for key in (RELATIVE_POSE_TOPIC, TF_TOPIC) if key in recorder.topics), 0.5)
         recorder.write_relative_poses()
+        labels = recorder.write_label_legend()
+        query = None
+        if lsm_node.reconstructor.semantic and phrases:
+            query = recorder.record_query(lsm_node.query_service_name(), phrases, pair_timeout_s)
         statistics = lsm_node.statistics()
         summary = _summary(bag_path, bag_kind, environment, realtime, rate, summary_playback, recorder,
                            lsm_node, statistics, time.monotonic() - started)
+        summary.update(labels=labels, query=None if query is None else
+                       {key: query[key] for key in ('phrases', 'success', 'message')})
         write_json(out_dir / 'summary.json', summary)
         (out_dir / 'README.txt').write_text(_readme(summary), encoding='utf-8')
         _log.info('demo finished: %d of %d pairs reconstructed, files in %s', summary['pairs_reconstructed'],
@@ -353,8 +452,22 @@ def _readme(summary: Mapping[str, Any]) -> str:
         '  left_depth_XXXX.npy   left depth, float32 (H, W), NaN invalid',
         '  relative_pose.csv     pose of the right camera in the left optical frame, per pair',
         '  info.jsonl            every lsm_ros/ReconstructionInfo message',
-        '  summary.json          these numbers, machine-readable',
-        '', 'Topics recorded:'] + [f'  {topic}' for topic in summary['topics'].values()]
+        '  summary.json          these numbers, machine-readable']
+    if summary['labels']:
+        lines += [
+            f"Semantic products (label set {summary['labels']}; the ply files also carry a label property, the "
+            'label index as a float):',
+            '  labels_XXXX.png       left label image in the colours of labels.json',
+            '  overlay_XXXX.png      the label colours over the left model image (~/semantic/overlay)',
+            '  labels.json           legend: label index -> phrase -> RGB colour']
+    if summary['query']:
+        lines += ['  query.json            the ~/query answer after the last pair (phrases, scores, max '
+                  'probabilities, success, message)',
+                  f'  {QUERY_MASKS_DIR}/{{left,right}}_<phrase>.png  its masks (255 = in the phrase\'s mask)']
+    if summary['labels'] and not summary['trained_weights']:
+        lines.append('UNTRAINED WEIGHTS: the labels, overlays, point labels and query answers are meaningless '
+                     '(random); they only show the plumbing.')
+    lines += ['', 'Topics recorded:'] + [f'  {topic}' for topic in summary['topics'].values()]
     return '\n'.join(lines) + '\n'
 
 

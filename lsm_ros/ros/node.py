@@ -86,6 +86,8 @@ INFO_TOPIC = '~/info'
 TF_TOPIC = '/tf'
 OUTPUT_TOPICS = (POINTS_TOPIC, LEFT_DEPTH_TOPIC, RIGHT_DEPTH_TOPIC, LEFT_MODEL_INFO_TOPIC, RIGHT_MODEL_INFO_TOPIC,
                  RELATIVE_POSE_TOPIC, INFO_TOPIC)
+# Timed stages of the network forward (reported as ReconstructionInfo.inference_time_s).
+NETWORK_STAGES = ('network', 'semantics', 'gaussians')
 # Outputs of the semantic model only.
 SEMANTIC_LABELS_TOPIC = '~/semantic/labels'
 SEMANTIC_OVERLAY_TOPIC = '~/semantic/overlay'
@@ -471,7 +473,7 @@ class LsmNode(Node):
             k_right=np.asarray(result.K_2, dtype=np.float64).ravel().tolist(),
             num_points=int(points['xyz'].shape[0]), pose_valid=bool(result.pose.success),
             pose_inliers=int(result.pose.num_inliers),
-            inference_time_s=float(result.timings_s.get('network', 0.0)),
+            inference_time_s=float(sum(result.timings_s.get(stage, 0.0) for stage in NETWORK_STAGES)),
             labels=list(labelled.phrases) if labelled is not None else [])
         latency_s = time.monotonic() - pair.received_s
         info.total_time_s = float(latency_s)
