@@ -456,7 +456,7 @@ def _readme(summary: Mapping[str, Any]) -> str:
     if summary['labels']:
         lines += [
             f"Semantic products (label set {summary['labels']}; the ply files also carry a label property, the "
-            'label index as a float):',
+            'label index as uchar):',
             '  labels_XXXX.png       left label image in the colours of labels.json',
             '  overlay_XXXX.png      the label colours over the left model image (~/semantic/overlay)',
             '  labels.json           legend: label index -> phrase -> RGB colour']
