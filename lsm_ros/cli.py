@@ -4,6 +4,9 @@
                                              [--device auto|cpu|cuda] [--resolution 224|256|512]
                                              [--intrinsics fx,fy,cx,cy | FILE] [--baseline METRES]
                                              [--query PHRASE ...] [--threshold P]   # semantic model only
+    lsm-ros render RECONSTRUCTION --out DIR [--frames 60] [--fps 30] [--path there_and_back|one_way]
+                                            [--channels rgb depth features labels] [--query PHRASE ...]
+                                            [--size W H] [--device auto]   # novel views along a camera path
     lsm-ros demo [--out DIR] [--bag PATH] [--max-pairs N]    # the node on a stereo bag, products to DIR
 """
 from __future__ import annotations
@@ -20,15 +23,22 @@ import numpy as np
 _log = logging.getLogger('lsm_ros.cli')
 
 RECONSTRUCTION_NPZ = 'reconstruction.npz'
+CAMERAS_JSON = 'cameras.json'
 GAUSSIANS_PLY = 'gaussians.ply'
 QUERY_JSON = 'query.json'
 MASKS_DIR = 'masks'
+RENDER_JSON = 'render.json'
+LABELS_JSON = 'labels.json'
+UNKNOWN_WEIGHTS = 'unknown'   # Reconstruction.weights of a loaded npz without cameras.json beside it
+_NPZ_REQUIRED_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2', 'K_1', 'K_2', 'T_1_2', 'depth_1', 'depth_2',
+                      'scale_factor', 'metric_scale', 'image_1', 'image_2')
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """Checkpoint, device and resolution options shared by the sub-commands."""
-    from lsm_ros.config import RESOLUTIONS
+def add_weights_arguments(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
+    """Checkpoint and device options shared by the sub-commands; with ``inference`` also the resolution and
+    confidence options of a reconstruction (``render`` works on a saved one: it keeps their defaults)."""
+    from lsm_ros.config import RESOLUTIONS, PipelineConfig
     group = parser.add_argument_group('model')
     group.add_argument('--dust3r-checkpoint', metavar='FILE', default='',
                        help='official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth')
@@ -38,6 +48,10 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
                        help='without official files: the deterministic reference weights of the parity tests '
                             '(real network size, UNTRAINED outputs)')
     group.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    if not inference:
+        defaults = PipelineConfig()
+        parser.set_defaults(resolution=defaults.resolution, min_confidence=defaults.min_confidence)
+        return
     group.add_argument('--resolution', type=int, default=256, choices=RESOLUTIONS, help='model resolution')
     group.add_argument('--min-confidence', type=float, default=1.0,
                        help='drop points/depth with DUSt3R confidence below this (>= 1; default keeps all)')
@@ -166,7 +180,7 @@ def save_reconstruction(rec, out_dir: Path) -> dict[str, Path]:
                  'reprojection_rmse_px': rec.pose.reprojection_rmse_px, 'message': rec.pose.message},
         'weights': rec.weights, 'trained_weights': rec.trained_weights, 'timings_s': rec.timings_s,
     }
-    paths['cameras'] = io.write_json(out_dir / 'cameras.json', cameras)
+    paths['cameras'] = io.write_json(out_dir / CAMERAS_JSON, cameras)
     arrays = dict(rec.network_outputs)
     arrays.update(K_1=rec.K_1, K_2=rec.K_2, T_1_2=rec.T_1_2, depth_1=rec.depth_1, depth_2=rec.depth_2,
                   scale_factor=np.float64(rec.scale_factor), metric_scale=np.bool_(rec.metric_scale),
@@ -177,6 +191,75 @@ def save_reconstruction(rec, out_dir: Path) -> dict[str, Path]:
     np.savez_compressed(out_dir / RECONSTRUCTION_NPZ, **arrays)
     paths['npz'] = out_dir / RECONSTRUCTION_NPZ
     return paths
+
+
+def load_reconstruction(path: str | Path):
+    """The :class:`~lsm_ros.pipeline.Reconstruction` saved by :func:`save_reconstruction`, from its folder or its
+    ``reconstruction.npz``; with the Gaussians when the npz holds them (semantic model), else ``gaussians=None``.
+
+    Arrays come from the npz (point maps rescaled by its ``scale_factor``); provenance (weights, trained flag,
+    pose statistics, sources, timings) from ``cameras.json`` beside it. Without that file ``weights`` is
+    UNKNOWN_WEIGHTS and ``trained_weights`` True (nothing known). Not stored, hence placeholders: the input images
+    (``crop_1``/``crop_2`` are the identity on the model images), the pose's candidate count (0) and
+    ``min_confidence`` (1, the default). Raises FileNotFoundError, or ValueError for an unreadable or incomplete
+    npz."""
+    import zipfile
+
+    from lsm_ros import io
+    from lsm_ros.cameras import RelativePose
+    from lsm_ros.pipeline import NETWORK_OUTPUT_KEYS, GaussianCloud, Reconstruction
+    from lsm_ros.preprocess import ImageCrop
+
+    path = Path(path)
+    npz_path = path / RECONSTRUCTION_NPZ if path.is_dir() else path
+    if not npz_path.is_file():
+        raise FileNotFoundError(f'{npz_path}: no such file (expected a folder written by lsm-ros reconstruct, '
+                                f'or its {RECONSTRUCTION_NPZ})')
+    try:
+        with np.load(npz_path) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f'{npz_path}: not a readable npz: {exc}') from exc
+    missing = [key for key in _NPZ_REQUIRED_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f'{npz_path}: missing {missing}: not written by lsm-ros reconstruct')
+    stored_gaussian_fields = [name for name in io.GAUSSIAN_FIELDS if name in arrays]
+    if stored_gaussian_fields and len(stored_gaussian_fields) != len(io.GAUSSIAN_FIELDS):
+        raise ValueError(f'{npz_path}: incomplete Gaussians: has {stored_gaussian_fields} of {io.GAUSSIAN_FIELDS}')
+    cameras_path = npz_path.parent / CAMERAS_JSON
+    try:
+        cameras = json.loads(cameras_path.read_text()) if cameras_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{cameras_path}: not valid JSON: {exc}') from exc
+    pose_info = cameras.get('pose', {})
+    scale = float(arrays['scale_factor'])
+    T_1_2, K_2 = arrays['T_1_2'].astype(np.float64), arrays['K_2'].astype(np.float64)
+    T_1_2_model_units = T_1_2.copy()
+    T_1_2_model_units[:3, 3] /= scale
+    height, width = arrays['depth_1'].shape
+    identity_crop = ImageCrop(input_size=(width, height), resized_size=(width, height), crop_box=(0, 0, width, height))
+    rmse = pose_info.get('reprojection_rmse_px')
+    pose = RelativePose(T_1_2=T_1_2_model_units, focal_2=float(K_2[0, 0]), K_2=K_2,
+                        num_inliers=int(pose_info.get('inliers', 0)), num_candidates=0,
+                        reprojection_rmse_px=float('nan') if rmse is None else float(rmse),
+                        success=bool(pose_info.get('success', not np.allclose(T_1_2, np.eye(4)))),
+                        message=pose_info.get('message', f'restored from {npz_path.name}'))
+    metric_scale = bool(arrays['metric_scale'])
+    return Reconstruction(
+        pts3d_1=(arrays['pts3d_1'][0] * scale).astype(np.float32),
+        pts3d_2=(arrays['pts3d_2'][0] * scale).astype(np.float32),
+        conf_1=arrays['conf_1'][0].astype(np.float32), conf_2=arrays['conf_2'][0].astype(np.float32),
+        depth_1=arrays['depth_1'].astype(np.float32), depth_2=arrays['depth_2'].astype(np.float32),
+        K_1=arrays['K_1'].astype(np.float64), K_2=K_2, T_1_2=T_1_2,
+        image_1=arrays['image_1'], image_2=arrays['image_2'],
+        crop_1=identity_crop, crop_2=identity_crop, metric_scale=metric_scale, scale_factor=scale,
+        scale_source=cameras.get('scale_source', 'stereo_baseline' if metric_scale else 'none'),
+        intrinsics_source=cameras.get('intrinsics_source', 'unknown'), pose=pose,
+        network_outputs={key: arrays[key] for key in NETWORK_OUTPUT_KEYS},
+        weights=cameras.get('weights', UNKNOWN_WEIGHTS), trained_weights=bool(cameras.get('trained_weights', True)),
+        timings_s=cameras.get('timings_s', {}),
+        gaussians=GaussianCloud(**{name: arrays[name] for name in io.GAUSSIAN_FIELDS}) if stored_gaussian_fields
+        else None)
 
 
 def save_query(answer, out_dir: Path, threshold: float = 0.0) -> dict[str, Path]:
@@ -258,6 +341,244 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+RENDER_OUTPUTS: tuple[str, ...] = ('rgb', 'depth', 'features', 'labels')
+DEFAULT_RENDER_OUTPUTS: tuple[str, ...] = ('rgb', 'depth', 'features')
+VIDEO_FOURCC = 'mp4v'
+SOURCE_VIEW_NOTE = ('RGB renders of the two source views at the model size against the model images: they '
+                    'reproduce the input images when the model is exact; untrained weights give low values')
+
+
+class ChannelOutput:
+    """The frames of one rendered channel: PNGs ``DIR/<channel>/NNNN.png`` and, when OpenCV can encode it, the
+    video ``DIR/<channel>.mp4`` (mp4v); without a video writer a warning says so and the PNGs remain."""
+
+    def __init__(self, out_dir: Path, channel: str, size: tuple[int, int], fps: float, digits: int) -> None:
+        import cv2
+        self.frames_dir = out_dir / channel
+        self.frame_pattern = f'{channel}/%0{digits}d.png'
+        self.video_path: Path | None = out_dir / f'{channel}.mp4'
+        self._digits = digits
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._video = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*VIDEO_FOURCC), fps, size)
+        if not self._video.isOpened():
+            _log.warning('cannot open an %s video writer for %s: writing the PNG frames only', VIDEO_FOURCC,
+                         self.video_path)
+            self._video, self.video_path = None, None
+
+    def write(self, index: int, rgb: np.ndarray) -> None:
+        """Frame ``index``: (H,W,3) uint8 RGB."""
+        from lsm_ros import io
+        io.write_rgb_png(self.frames_dir / f'{index:0{self._digits}d}.png', rgb)
+        if self._video is not None:
+            self._video.write(np.ascontiguousarray(rgb[..., ::-1]))
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.release()
+
+
+def rendering_only_reconstructor(device: str):
+    """A :class:`~lsm_ros.pipeline.Reconstructor` that holds no network (an empty module): enough for
+    ``Reconstructor.render`` without phrases (RGB, depth, features), which uses only its device; anything that
+    needs the network fails loudly. No weights run, so nothing untrained contributes (``trained_weights``)."""
+    import torch
+
+    from lsm_ros.config import PipelineConfig
+    from lsm_ros.pipeline import Reconstructor, resolve_device
+    return Reconstructor(torch.nn.Module(), PipelineConfig(device=device), device=resolve_device(device),
+                         weights='none (rendering without labels runs no network)', trained_weights=True)
+
+
+def source_view_psnr(reconstructor, rec) -> dict[str, float]:
+    """PSNR (dB, peak 1) of the RGB renders of view 1 (identity, ``K_1``) and view 2 (``T_1_2``, ``K_2``) at the
+    model size against ``image_1`` and ``image_2``: {'left': ..., 'right': ...}; inf for identical images."""
+    psnr = {}
+    for name, T, K, image in (('left', np.eye(4), rec.K_1, rec.image_1), ('right', rec.T_1_2, rec.K_2, rec.image_2)):
+        view = reconstructor.render(rec, T, K, rec.size, ('rgb',))
+        mse = float(np.mean((view.rgb.astype(np.float64) - image.astype(np.float64) / 255.0) ** 2))
+        psnr[name] = 10.0 * float(np.log10(1.0 / mse)) if mse > 0 else float('inf')
+    return psnr
+
+
+def frame_images(view, outputs: Sequence[str], depth_range: tuple[float, float] | None, pca,
+                 palette: np.ndarray) -> dict[str, np.ndarray]:
+    """(H,W,3) uint8 RGB images of a :class:`~lsm_ros.pipeline.RenderedView` per output channel: the colours,
+    the depth in turbo over the fixed ``depth_range`` (black where nothing was rendered), the features through
+    the fixed ``pca`` (:class:`~lsm_ros.visualization.FeaturePca`) and the labels in ``palette``, both black
+    where the accumulated opacity is below DEPTH_MIN_ALPHA."""
+    from lsm_ros.pipeline import DEPTH_MIN_ALPHA
+    from lsm_ros.visualization import colorize_labels, depth_to_color
+    images = {}
+    if 'rgb' in outputs:
+        images['rgb'] = np.round(view.rgb * 255.0).astype(np.uint8)
+    if 'depth' in outputs:
+        images['depth'] = depth_to_color(view.depth, *(depth_range or (None, None)))
+    if 'features' in outputs:
+        colours = pca.colors(view.features)
+        colours[view.alpha < DEPTH_MIN_ALPHA] = 0
+        images['features'] = colours
+    if 'labels' in outputs:
+        images['labels'] = colorize_labels(view.labels, palette)
+    return images
+
+
+def write_path_frames(reconstructor, rec, path, size: tuple[int, int], outputs: Sequence[str],
+                      phrases: Sequence[str], out_dir: Path, fps: float) -> dict:
+    """Render ``rec`` from every camera of ``path`` (a :class:`~lsm_ros.camera_path.CameraPath` with intrinsics
+    at ``size`` (width, height)) and write each of ``outputs`` (RENDER_OUTPUTS) as PNG frames and an MP4 under
+    ``out_dir`` (:class:`ChannelOutput`), with a progress bar. Depth is coloured over one range for the whole path
+    (:func:`~lsm_ros.camera_path.visible_depth_range` of the Gaussians' means), features through one PCA basis
+    fitted on the Gaussians' features, labels (arg-max over ``phrases``) in the :func:`label_palette` colours.
+
+    Returns ``files`` (per channel: frame pattern and video name or None), ``depth_range`` and the per-frame
+    ``render_ms`` (Reconstructor.render) and ``frame_ms`` (render, colouring and writing)."""
+    import time
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lsm_ros.camera_path import visible_depth_range
+    from lsm_ros.semantics import label_palette
+    from lsm_ros.visualization import FeaturePca
+
+    depth_range = visible_depth_range(rec.gaussians.means, path.poses, path.intrinsics, size) \
+        if 'depth' in outputs else None
+    pca = FeaturePca.fit(rec.gaussians.features) if 'features' in outputs else None
+    palette = label_palette(len(phrases))
+    render_channels = tuple(channel for channel in ('rgb', 'depth', 'features') if channel in outputs)
+    digits = max(4, len(str(len(path) - 1)))
+    if size[0] % 2 or size[1] % 2:
+        _log.warning('%dx%d: MPEG-4 frames have even sides, so the videos hold %dx%d (the PNG frames keep every '
+                     'pixel)', size[0], size[1], size[0] - size[0] % 2, size[1] - size[1] % 2)
+    sinks = {channel: ChannelOutput(out_dir, channel, size, fps, digits) for channel in outputs}
+    render_ms, frame_ms = [], []
+    try:
+        with logging_redirect_tqdm():
+            for index in tqdm(range(len(path)), desc='lsm-ros render', unit='frame'):
+                t0 = time.perf_counter()
+                view = reconstructor.render(rec, path.poses[index], path.intrinsics[index], size, render_channels,
+                                            phrases or None)
+                t1 = time.perf_counter()
+                for channel, image in frame_images(view, outputs, depth_range, pca, palette).items():
+                    sinks[channel].write(index, image)
+                render_ms.append(1e3 * (t1 - t0))
+                frame_ms.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    files = {channel: {'frames': sink.frame_pattern, 'video': sink.video_path.name if sink.video_path else None}
+             for channel, sink in sinks.items()}
+    return dict(files=files, depth_range=depth_range, render_ms=render_ms, frame_ms=frame_ms)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import time
+
+    from lsm_ros import io
+    from lsm_ros.camera_path import camera_path
+    from lsm_ros.pipeline import MAX_RENDER_SIZE
+    from lsm_ros.preprocess import ImageCrop
+    from lsm_ros.semantics import DEFAULT_LABELS, label_palette, validate_phrases
+
+    outputs = tuple(dict.fromkeys(args.channels))
+    try:
+        phrases = validate_phrases(args.query) if args.query else ()
+    except ValueError as exc:
+        raise SystemExit(f'lsm-ros: --query: {exc}') from exc
+    if phrases and 'labels' not in outputs:
+        outputs += ('labels',)
+    if 'labels' in outputs:
+        phrases = phrases or DEFAULT_LABELS
+        if not (args.lsm_checkpoint or args.reference_weights):
+            raise SystemExit('lsm-ros: the labels channel decodes the rendered features with the LSM network: pass '
+                             'the official files (--lsm-checkpoint checkpoint-final.pth with --dust3r-checkpoint '
+                             'and --lseg-checkpoint) or --reference-weights (untrained), or leave labels out')
+    if args.frames < 2:
+        raise SystemExit(f'lsm-ros: --frames {args.frames}: need at least 2 (view 1 and view 2)')
+    if not args.fps > 0:
+        raise SystemExit(f'lsm-ros: --fps {args.fps}: must be positive')
+    if args.size is not None and not all(1 <= side <= MAX_RENDER_SIZE for side in args.size):
+        raise SystemExit(f'lsm-ros: --size {args.size[0]} {args.size[1]}: each side must be 1..{MAX_RENDER_SIZE} '
+                         'pixels')
+    try:
+        rec = load_reconstruction(args.reconstruction)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f'lsm-ros: {exc}') from exc
+    if rec.gaussians is None:
+        raise SystemExit(f'lsm-ros: {args.reconstruction} holds no Gaussians: it was made by the geometry-only '
+                         'model. Rendering needs a reconstruction of the full LSM (lsm-ros reconstruct '
+                         '--lsm-checkpoint ...)')
+    size = rec.size if args.size is None else (args.size[0], args.size[1])
+    resize = ImageCrop(input_size=rec.size, resized_size=size, crop_box=(0, 0, *size))
+    try:
+        path = camera_path(rec.T_1_2, resize.intrinsics_to_model(rec.K_1), resize.intrinsics_to_model(rec.K_2),
+                           args.frames, args.path)
+    except ValueError as exc:
+        raise SystemExit(f'lsm-ros: {args.reconstruction}: {exc}') from exc
+    if np.allclose(rec.T_1_2, np.eye(4)):
+        _log.warning('view 2 coincides with view 1 (did the relative pose fail?): the camera does not move')
+
+    if 'labels' in outputs:
+        reconstructor = build_reconstructor(args, allow_untrained=False)
+        if not reconstructor.semantic:
+            raise SystemExit(f'lsm-ros: the labels channel needs the full LSM, but {reconstructor.weights} is '
+                             'geometry only: pass --lsm-checkpoint checkpoint-final.pth')
+    else:
+        try:
+            reconstructor = rendering_only_reconstructor(args.device)
+        except ValueError as exc:
+            raise SystemExit(f'lsm-ros: --device: {exc}') from exc
+    untrained = {source.weights: source for source in (rec, reconstructor) if not source.trained_weights}
+    for source in untrained.values():
+        warn_untrained(source)
+
+    out_dir = Path(args.out)
+    t_start = time.perf_counter()
+    written = write_path_frames(reconstructor, rec, path, size, outputs, phrases, out_dir, args.fps)
+    total_s = time.perf_counter() - t_start
+    psnr = source_view_psnr(reconstructor, rec)
+    paths: dict[str, Path] = {}
+    if phrases:
+        palette = label_palette(len(phrases))
+        paths['labels legend'] = io.write_json(out_dir / LABELS_JSON, {
+            'phrases': phrases, 'unlabelled_colour_rgb': [0, 0, 0],
+            'definition': "label = the phrase of the largest of LSM's logits of the rendered features; black where "
+                          'the accumulated opacity is below 0.5 (nothing rendered)',
+            'legend': [{'label': index, 'phrase': phrase, 'colour_rgb': palette[index]}
+                       for index, phrase in enumerate(phrases)]})
+    known_provenance = rec.weights != UNKNOWN_WEIGHTS
+    backend = 'gsplat' if reconstructor.device.type == 'cuda' else 'torch'   # Reconstructor.render's 'auto' choice
+    median_render_ms = float(np.median(written['render_ms']))
+    paths['record'] = io.write_json(out_dir / RENDER_JSON, {
+        'reconstruction': str(args.reconstruction),
+        'frame': 'left camera optical frame (REP 103: x right, y down, z forward); poses are T_left_camera, '
+                 'X_left = T X_camera',
+        'units': 'metres' if rec.metric_scale else 'model units',
+        'frames': len(path), 'fps': args.fps, 'path': args.path, 'width': size[0], 'height': size[1],
+        'channels': list(outputs), 'phrases': list(phrases), 'files': written['files'],
+        'fractions': path.fractions, 'poses': path.poses, 'intrinsics': path.intrinsics,
+        'depth_range': written['depth_range'],
+        'source_view_psnr_db': psnr, 'source_view_note': SOURCE_VIEW_NOTE,
+        'timings': {'median_render_ms': median_render_ms, 'median_frame_ms': float(np.median(written['frame_ms'])),
+                    'total_s': total_s, 'backend': backend, 'device': str(reconstructor.device)},
+        'weights': reconstructor.weights if phrases else None,
+        'trained_weights': reconstructor.trained_weights if phrases else None,
+        'reconstruction_weights': rec.weights if known_provenance else None,
+        'reconstruction_trained_weights': rec.trained_weights if known_provenance else None,
+        'untrained': bool(untrained)})
+    _log.info('%d frames at %dx%d (%s): median %.1f ms per render (%s on %s), %.1f s in all', len(path), size[0],
+              size[1], ', '.join(outputs), median_render_ms, backend, reconstructor.device, total_s)
+    _log.info('source-view PSNR: left %.2f dB, right %.2f dB (%s)', psnr['left'], psnr['right'], SOURCE_VIEW_NOTE)
+    for channel, files in written['files'].items():
+        _log.info('wrote %-8s %s%s', channel, out_dir / files['frames'],
+                  f" and {out_dir / files['video']}" if files['video'] else '')
+    for name, file in paths.items():
+        _log.info('wrote %-8s %s', name, file)
+    for source in untrained.values():
+        warn_untrained(source)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lsm_ros.ros.demo import run_demo
     reconstructor = build_reconstructor(args, allow_untrained=True)
@@ -281,6 +602,7 @@ def probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lsm_ros.camera_path import PATH_MODES
     parser = argparse.ArgumentParser(prog='lsm-ros', description='Large Spatial Model for ROS 2')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -320,6 +642,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--rate', type=float, default=1.0, help='playback rate factor with --realtime (default 1)')
     add_weights_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    ren = sub.add_parser('render', help='render a saved reconstruction along a camera path (PNG frames and MP4)',
+                         description='Render the Gaussians of a reconstruction written by "lsm-ros reconstruct" '
+                                     '(full LSM) from virtual cameras moving from view 1 to view 2 (and back), and '
+                                     'write per channel PNG frames DIR/<channel>/NNNN.png and a video '
+                                     'DIR/<channel>.mp4, plus render.json (path, timings, source-view PSNR). RGB, '
+                                     'depth and features need no weights; labels need the LSM network.')
+    ren.add_argument('reconstruction', help=f'folder written by lsm-ros reconstruct, or its {RECONSTRUCTION_NPZ}')
+    ren.add_argument('--out', required=True, help='output folder (created)')
+    ren.add_argument('--frames', type=int, default=60, help='frames of the video (>= 2; default 60)')
+    ren.add_argument('--fps', type=float, default=30.0, help='video frame rate (default 30)')
+    ren.add_argument('--path', default='there_and_back', choices=PATH_MODES,
+                     help='view 1 to view 2 and back, looping (default), or view 1 to view 2')
+    ren.add_argument('--channels', nargs='+', default=list(DEFAULT_RENDER_OUTPUTS), choices=RENDER_OUTPUTS,
+                     metavar='CHANNEL',
+                     help=f'any of {", ".join(RENDER_OUTPUTS)} (default {" ".join(DEFAULT_RENDER_OUTPUTS)}): colours, '
+                          'depth colour map over one range for the whole path, PCA of the features with one '
+                          'basis, label colours (legend labels.json)')
+    ren.add_argument('--query', nargs='+', action='extend', metavar='PHRASE',
+                     help='phrases of the labels channel (implies it; default LSM\'s eight labels)')
+    ren.add_argument('--size', nargs=2, type=int, metavar=('W', 'H'), help='frame size (default the model size)')
+    add_weights_arguments(ren, inference=False)
+    ren.set_defaults(func=cmd_render)
     return parser
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from lsm_ros.semantics import DEFAULT_LABELS, MAX_PHRASE_CHARS, MAX_PHRASES, validate_phrases
 
 RESOLUTIONS = (224, 256, 512)
+# Virtual views lsm_node can render after every reconstruction (parameter render_views).
+RENDER_VIEWS = ('left', 'right', 'midway')
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 
 
@@ -79,6 +81,16 @@ def _param(default: Any, description: str, *, min_value: float | None = None, ma
                 choices=tuple(choices) if choices is not None else None, read_only=read_only, check=check,
                 constraints=constraints)
     return field(default=default, metadata=meta)
+
+
+def validate_render_views(views: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``render_views`` value: distinct names among :data:`RENDER_VIEWS` (raises ValueError)."""
+    for position, view in enumerate(views):
+        if view not in RENDER_VIEWS:
+            raise ValueError(f'unknown view {view!r}: choose among {list(RENDER_VIEWS)}')
+        if view in views[:position]:
+            raise ValueError(f'view {view!r} is listed twice')
+    return views
 
 
 @dataclass
@@ -148,6 +160,15 @@ class NodeConfig:
     overlay_alpha: float = _param(
         0.5, 'Opacity of the label colours over the left model image in ~/semantic/overlay (0: image only, '
         '1: colours only).', min_value=0.0, max_value=1.0)
+    render_views: tuple[str, ...] = _param(
+        (), 'Virtual views rendered from the semantic Gaussians after every reconstruction, published as rgb8 on '
+        '~/render/<view>/image with ~/render/<view>/camera_info (model size, stamp of the pair): \'left\' (the left '
+        'camera, left frame), \'right\' (the right camera at the estimated relative pose, right frame), '
+        '\'midway\' (halfway between them: half the translation, half the rotation, the mean intrinsics; frame '
+        '<left frame>_midway, broadcast on /tf with publish_tf). Right and midway need a successful relative pose. '
+        'Each view costs a render on the inference thread (about 1 s at 256x256 on a 2-core CPU). Empty: none. '
+        'Ignored by the geometry-only model.', check=validate_render_views,
+        constraints=f'distinct names among {", ".join(RENDER_VIEWS)}')
     log_throttle_s: float = _param(
         5.0, 'Repeated warnings about bad input are logged at most once per this many seconds.',
         min_value=0.0, max_value=3600.0)

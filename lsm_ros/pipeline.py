@@ -17,6 +17,7 @@ x right, y down, z forward).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,8 @@ from lsm_ros.model.checkpoint import CheckpointError
 from lsm_ros.model.lseg import LSEG_LOGIT_SCALE
 from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig
 from lsm_ros.preprocess import ImageCrop, preprocess_pair
-from lsm_ros.semantics import QueryResult, validate_phrases
+from lsm_ros.rendering import Backend, render_gaussians
+from lsm_ros.semantics import NO_LABEL, QueryResult, validate_phrases
 
 _log = logging.getLogger(__name__)
 
@@ -173,6 +175,38 @@ class Reconstruction:
                     index=np.concatenate([p[4] for p in parts]))
 
 
+RENDER_CHANNELS: tuple[str, ...] = ('rgb', 'depth', 'alpha', 'features')
+DEPTH_MIN_ALPHA = 0.5  # rendered depth is NaN where the accumulated opacity is below this
+MAX_RENDER_SIZE = 4096
+
+
+@dataclass
+class RenderedView:
+    """One view rendered from a reconstruction's Gaussians. Camera: ``T_left_camera`` (4,4), the pose of the
+    virtual camera in the left optical frame (X_left = T X_cam; REP 103 optical axes), pinhole ``K`` (3,3) with
+    pixel centres at integer coordinates (OpenCV). Lengths in the reconstruction's units."""
+
+    width: int
+    height: int
+    K: np.ndarray
+    T_left_camera: np.ndarray
+    alpha: np.ndarray                       # (H,W) float32 accumulated opacity in [0,1]
+    rgb: np.ndarray | None = None           # (H,W,3) float32 in [0,1]
+    depth: np.ndarray | None = None         # (H,W) float32 expected camera z, NaN where alpha < DEPTH_MIN_ALPHA
+    features: np.ndarray | None = None      # (H,W,64) float32 rendered semantic features
+    phrases: tuple[str, ...] = ()
+    label_logits: np.ndarray | None = None  # (P,H,W) float32 LSM's decoding of ``features`` against ``phrases``
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """(H,W) uint8 index of the best phrase; NO_LABEL where nothing was rendered (alpha < DEPTH_MIN_ALPHA)."""
+        if self.label_logits is None:
+            return None
+        labels = self.label_logits.argmax(axis=0).astype(np.uint8)
+        labels[self.alpha < DEPTH_MIN_ALPHA] = NO_LABEL
+        return labels
+
+
 class Reconstructor:
     """Runs the networks and the camera recovery on image pairs.
 
@@ -190,6 +224,8 @@ class Reconstructor:
         self.network = network.to(self.device).eval()
         self.weights = weights
         self.trained_weights = trained_weights
+        self._render_lock = threading.Lock()
+        self._render_cache: tuple[GaussianCloud, dict[str, torch.Tensor]] | None = None
         if not trained_weights:
             _log.warning('UNTRAINED WEIGHTS (%s): outputs are not a real reconstruction. Pass the official '
                          'checkpoints for real results.', weights)
@@ -373,6 +409,66 @@ class Reconstructor:
             point_logits = self.network.point_label_logits(features, text)
         return QueryResult(phrases=phrases, views=views, logits=logits.cpu().numpy(),
                            point_logits=point_logits.cpu().numpy(), logit_scale=LSEG_LOGIT_SCALE)
+
+    def render(self, result: Reconstruction, T_left_camera: np.ndarray | None = None, K: np.ndarray | None = None,
+               size: tuple[int, int] | None = None, channels: Sequence[str] = RENDER_CHANNELS,
+               phrases: Sequence[str] | None = None, backend: Backend = 'auto') -> RenderedView:
+        """Render the reconstruction's Gaussians from any camera: RGB, expected depth, alpha, the 64-d features and,
+        with ``phrases``, LSM's label logits of the rendered features (as LSM labels its rendered views).
+
+        Defaults: the left camera (identity pose, ``result.K_1``, the model size (width, height)). ``channels``:
+        any of RENDER_CHANNELS (alpha always comes). gsplat on CUDA, the exact PyTorch compositor on CPU.
+        Raises ValueError for bad arguments, RuntimeError for a reconstruction without Gaussians.
+        """
+        if result.gaussians is None:
+            raise RuntimeError('this reconstruction has no Gaussians (made by a geometry-only reconstructor)')
+        channels = tuple(channels)
+        unknown = sorted(set(channels) - set(RENDER_CHANNELS))
+        if unknown:
+            raise ValueError(f'unknown render channels {unknown}; choose from {RENDER_CHANNELS}')
+        phrases = validate_phrases(phrases) if phrases else ()
+        T = np.eye(4) if T_left_camera is None else np.asarray(T_left_camera, dtype=np.float64)
+        if T.shape != (4, 4) or not np.isfinite(T).all() or not np.allclose(T[3], (0, 0, 0, 1)) \
+                or not np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3), atol=1e-5) or np.linalg.det(T[:3, :3]) < 0:
+            raise ValueError('T_left_camera must be a finite 4x4 rigid transform (rotation + translation)')
+        K = result.K_1 if K is None else np.asarray(K, dtype=np.float64)
+        width, height = result.size if size is None else (int(size[0]), int(size[1]))
+        if not (1 <= width <= MAX_RENDER_SIZE and 1 <= height <= MAX_RENDER_SIZE):
+            raise ValueError(f'render size {width}x{height} outside 1..{MAX_RENDER_SIZE} pixels per side')
+        if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise ValueError(f'K must be a finite 3x3 pinhole matrix with fx, fy > 0, got {K!r}')
+        want_features = 'features' in channels or bool(phrases)
+        g = self._gaussian_tensors(result.gaussians)
+        with torch.no_grad():
+            out = render_gaussians(
+                g['means'], g['rotations'], g['scales'], g['opacities'], g['sh'] if 'rgb' in channels else None,
+                g['features'] if want_features else None,
+                torch.as_tensor(np.linalg.inv(T), dtype=torch.float32, device=self.device),
+                torch.as_tensor(K, dtype=torch.float32, device=self.device), width, height, backend=backend)
+            label_logits = None
+            if phrases:
+                features = out.features.permute(2, 0, 1)[None]
+                label_logits = self.network.view_label_logits(features, self.network.text_features(phrases))[0]
+        alpha = out.alpha.float().cpu().numpy()
+        depth = None
+        if 'depth' in channels:
+            depth = out.depth.float().cpu().numpy()
+            depth[alpha < DEPTH_MIN_ALPHA] = np.nan
+        return RenderedView(
+            width=width, height=height, K=K, T_left_camera=T, alpha=alpha,
+            rgb=None if out.rgb is None or 'rgb' not in channels else np.clip(out.rgb.float().cpu().numpy(), 0, 1),
+            depth=depth,
+            features=out.features.float().cpu().numpy() if 'features' in channels else None,
+            phrases=phrases, label_logits=None if label_logits is None else label_logits.cpu().numpy())
+
+    def _gaussian_tensors(self, cloud: GaussianCloud) -> dict[str, torch.Tensor]:
+        """The cloud's arrays as tensors on the device, kept for the last cloud rendered (videos, services)."""
+        with self._render_lock:
+            if self._render_cache is None or self._render_cache[0] is not cloud:
+                tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(cloud, name))).to(self.device)
+                           for name in ('means', 'rotations', 'scales', 'opacities', 'sh', 'features')}
+                self._render_cache = (cloud, tensors)
+            return self._render_cache[1]
 
 
 def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:

@@ -222,7 +222,11 @@ class LargeSpatialModel(nn.Module):
         upsampled with align_corners=True as LSeg does."""
         expanded = self.feature_expansion(F.interpolate(features, scale_factor=0.5, mode='bilinear',
                                                         align_corners=False))
-        return upsample_logits(decode_labels(expanded, text_features))
+        logits = decode_labels(expanded, text_features)
+        if features.shape[-2:] == tuple(2 * s for s in logits.shape[-2:]):
+            return upsample_logits(logits)
+        # odd sizes (rendered views of any size): the same aligned-corner bilinear resampling to the input size
+        return F.interpolate(logits, size=features.shape[-2:], mode='bilinear', align_corners=True)
 
     @torch.no_grad()
     def point_label_logits(self, features: Tensor, text_features: Tensor) -> Tensor:

@@ -145,12 +145,26 @@ def mask_to_image_msg(mask: np.ndarray, header: Header) -> Image:
     return _image_msg(mask.astype(np.uint8) * np.uint8(255), 'mono8', header)
 
 
+def unit_rgb_to_image_msg(rgb: np.ndarray, header: Header) -> Image:
+    """(H, W, 3) float RGB in [0, 1] (e.g. a rendered view) -> rgb8 Image: clipped, rounded; NaN is black."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or not np.issubdtype(rgb.dtype, np.floating):
+        raise ValueError(f'rgb must be (H, W, 3) floats in [0, 1], got {rgb.shape} {rgb.dtype}')
+    return rgb_to_image_msg(np.round(np.clip(np.nan_to_num(rgb, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8),
+                            header)
+
+
+def float_image_to_msg(values: np.ndarray, header: Header) -> Image:
+    """(H, W) floats (depth, opacity, ...; NaN kept) -> 32FC1 Image (little endian)."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f'a {DEPTH_ENCODING} image must be (H, W), got shape {values.shape}')
+    return _image_msg(values.astype('<f4', copy=False), DEPTH_ENCODING, header)
+
+
 def depth_to_image_msg(depth: np.ndarray, header: Header) -> Image:
     """(H, W) depth (metres or model units along the optical axis, NaN invalid) -> 32FC1 Image (little endian)."""
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f'depth must be (H, W), got shape {depth.shape}')
-    return _image_msg(depth.astype('<f4', copy=False), DEPTH_ENCODING, header)
+    return float_image_to_msg(depth, header)
 
 
 def depth_image_to_numpy(msg: Image) -> np.ndarray:
@@ -206,11 +220,20 @@ def stereo_baseline_from_camera_info(right_info: CameraInfo) -> float | None:
 
 def model_camera_info(K: np.ndarray, width: int, height: int, header: Header,
                       P: np.ndarray | None = None) -> CameraInfo:
-    """CameraInfo of an undistorted model-resolution image: plumb_bob with zero distortion, R = I, P = [K|0]."""
+    """CameraInfo of an undistorted image of size ``width`` x ``height`` with intrinsics ``K`` (a model-resolution
+    image or a rendered view): plumb_bob with zero distortion, R = I, P = [K|0]."""
     K = np.asarray(K, dtype=np.float64).reshape(3, 3)
     P = np.hstack([K, np.zeros((3, 1))]) if P is None else np.asarray(P, dtype=np.float64).reshape(3, 4)
     return CameraInfo(header=header, width=int(width), height=int(height), distortion_model='plumb_bob',
                       d=[0.0] * 5, k=K.ravel().tolist(), r=np.eye(3).ravel().tolist(), p=P.ravel().tolist())
+
+
+def resized_intrinsics(K: np.ndarray, size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
+    """(3,3) intrinsics of an image of ``size`` (width, height) -> those of the same view resampled to
+    ``new_size``, pixel centres at integer coordinates (OpenCV): x' = (x + 0.5) * s - 0.5 per axis."""
+    sx, sy = new_size[0] / size[0], new_size[1] / size[1]
+    resample = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+    return resample @ np.asarray(K, dtype=np.float64).reshape(3, 3)
 
 
 # ---------------------------------------------------------------------------------------------- clouds
@@ -321,4 +344,25 @@ def pose_msg_to_matrix(pose: Pose) -> np.ndarray:
     T = np.eye(4)
     T[:3, :3] = quaternion_msg_to_matrix(pose.orientation)
     T[:3, 3] = (pose.position.x, pose.position.y, pose.position.z)
+    return T
+
+
+def checked_pose_msg_to_matrix(pose: Pose, unit_tolerance: float = 1e-3) -> np.ndarray:
+    """geometry_msgs/Pose from a request -> (4,4) rigid transform; raises ValueError for non-finite values or a
+    quaternion whose norm is not 1 within ``unit_tolerance`` (the all-zero quaternion is not the identity: w = 1
+    is). An almost unit quaternion is normalised."""
+    position = np.array([pose.position.x, pose.position.y, pose.position.z], dtype=np.float64)
+    quaternion = np.array([pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w],
+                          dtype=np.float64)
+    if not (np.isfinite(position).all() and np.isfinite(quaternion).all()):
+        raise ValueError(f'the pose holds non-finite values: position {position.tolist()}, orientation (x, y, z, w) '
+                         f'{quaternion.tolist()}')
+    norm = float(np.linalg.norm(quaternion))
+    if norm == 0.0:
+        raise ValueError('the orientation is the all-zero quaternion, which is no rotation (the identity is w = 1)')
+    if abs(norm - 1.0) > unit_tolerance:
+        raise ValueError(f'the orientation must be a unit quaternion, its norm is {norm:.6g}')
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat(quaternion / norm).as_matrix()
+    T[:3, 3] = position
     return T

@@ -29,6 +29,15 @@ active label set (parameter ``labels``; value i = labels[i]):
 and the service ``~/query`` (lsm_ros/TextQuery) answers text phrases with masks, label images and scores on the
 latest reconstruction, in its own callback group: queries run while the worker computes the next pair.
 
+Rendering (semantic model): the service ``~/render`` (lsm_ros/RenderView) renders the latest reconstruction's
+Gaussians from any pinhole camera posed in the left optical frame (RGB, depth, alpha, PCA colours of the features,
+labels of phrases), in its own callback group too. The parameter ``render_views`` ('left', 'right', 'midway')
+publishes those virtual views after every reconstruction, on the worker thread:
+
+- ``~/render/<view>/image`` sensor_msgs/Image rgb8 and ``~/render/<view>/camera_info`` (model size): 'left' in the
+  left frame, 'right' (at the estimated relative pose) in the right frame, 'midway' (half the relative pose, mean
+  intrinsics) in ``<left frame>_midway``, broadcast on /tf with ``publish_tf``.
+
 Images are paired by :class:`~lsm_ros.ros.sync.StereoSynchronizer`, checked in the subscription callback and
 reconstructed on one :class:`~lsm_ros.ros.sync.LatestPairWorker` thread: while a pair is being processed only
 the newest waiting pair is kept. A bad pair (sizes, encoding, data, CameraInfo, stale stamp) is logged
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -52,6 +62,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
@@ -59,14 +70,16 @@ from tf2_msgs.msg import TFMessage
 from lsm_ros import semantics
 from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.msg import ReconstructionInfo
-from lsm_ros.pipeline import CameraCalibration, Reconstruction, Reconstructor
+from lsm_ros.pipeline import (DEPTH_MIN_ALPHA, RENDER_CHANNELS, CameraCalibration, GaussianCloud, Reconstruction,
+                              Reconstructor, RenderedView)
 from lsm_ros.ros import conversions
 from lsm_ros.ros.isolation import apply_node_environment_defaults
 from lsm_ros.ros.params import LsmParameters
 from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, CameraInfoCache, LatestPairWorker, RateLimitedLog,
                               Side, StereoPair, StereoSynchronizer)
 from lsm_ros.semantics import QueryResult
-from lsm_ros.srv import TextQuery
+from lsm_ros.srv import RenderView, TextQuery
+from lsm_ros.visualization import FeaturePca
 
 NODE_NAME = 'lsm_node'
 # Input topics (relative: remap them, e.g. left/image_rect:=/stereo/left/image_rect).
@@ -93,6 +106,12 @@ SEMANTIC_LABELS_TOPIC = '~/semantic/labels'
 SEMANTIC_OVERLAY_TOPIC = '~/semantic/overlay'
 SEMANTIC_TOPICS = (SEMANTIC_LABELS_TOPIC, SEMANTIC_OVERLAY_TOPIC)
 QUERY_SERVICE = '~/query'
+RENDER_SERVICE = '~/render'
+RENDER_REQUEST_CHANNELS = ('rgb', 'depth', 'alpha', 'features', 'labels')   # channels of a ~/render request
+DEFAULT_RENDER_CHANNELS = ('rgb', 'depth')
+MAX_RENDER_SIDE = 2048           # pixels per side of a ~/render image
+MAX_FEATURE_RENDER_PIXELS = 1024 * 1024  # pixels of a ~/render with features or labels (~3 GB of CPU memory)
+MIDWAY_FRAME_SUFFIX = '_midway'  # frame of the 'midway' render view: <left frame>_midway
 # Frames used when neither the parameter nor the image header names one.
 DEFAULT_LEFT_FRAME = 'lsm_left_camera_optical_frame'
 DEFAULT_RIGHT_FRAME = 'lsm_right_camera_optical_frame'
@@ -121,6 +140,30 @@ CHECKPOINT_HELP = (
 
 class QueryRefused(ValueError):
     """A ~/query request that cannot be answered; the message says why."""
+
+
+class RenderRefused(ValueError):
+    """A ~/render request that cannot be answered; the message says why."""
+
+
+def render_view_topics(view: str) -> tuple[str, str]:
+    """(image, camera_info) topics of a ``render_views`` view."""
+    return f'~/render/{view}/image', f'~/render/{view}/camera_info'
+
+
+def midway_pose(T_left_right: np.ndarray) -> np.ndarray:
+    """(4,4) pose halfway between the left camera (identity) and ``T_left_right``: half the translation and half
+    the rotation angle about the same axis, in the left frame."""
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_rotvec(0.5 * Rotation.from_matrix(T_left_right[:3, :3]).as_rotvec()).as_matrix()
+    T[:3, 3] = 0.5 * T_left_right[:3, 3]
+    return T
+
+
+def is_pinhole_matrix(K: np.ndarray) -> bool:
+    """True for a finite [fx, 0, cx; 0, fy, cy; 0, 0, 1] with fx, fy > 0."""
+    return bool(np.isfinite(K).all() and K[0, 0] > 0 and K[1, 1] > 0 and K[0, 1] == 0 and K[1, 0] == 0
+                and np.array_equal(K[2], (0.0, 0.0, 1.0)))
 
 
 class InputRejected(ValueError):
@@ -166,6 +209,16 @@ class LatestReconstruction:
     def frame_of(self, view: int) -> str:
         """Optical frame of view ``view`` (0 left, 1 right)."""
         return self.left_frame if view == 0 else self.right_frame
+
+
+@dataclass(frozen=True)
+class VirtualCamera:
+    """A camera to render: its pose in the left optical frame (camera-to-left), intrinsics and size in pixels."""
+
+    T_left_camera: np.ndarray
+    K: np.ndarray
+    width: int
+    height: int
 
 
 class LsmNode(Node):
@@ -215,13 +268,18 @@ class LsmNode(Node):
         }
         self._tf_publisher = None  # created when publish_tf is first true
         self._latest: LatestReconstruction | None = None
+        self._feature_pca_cache: tuple[GaussianCloud, FeaturePca] | None = None
         if self._reconstructor.semantic:
             self._publishers_by_topic[SEMANTIC_LABELS_TOPIC] = self.create_publisher(Image, SEMANTIC_LABELS_TOPIC,
                                                                                      PRODUCT_QOS)
             self._publishers_by_topic[SEMANTIC_OVERLAY_TOPIC] = self.create_publisher(Image, SEMANTIC_OVERLAY_TOPIC,
                                                                                       PRODUCT_QOS)
-        # Own group: a query never waits for image callbacks (nor they for it); inference runs on the worker.
+            self._create_render_view_publishers(node_config.render_views)
+        # Own groups: a query or a render never waits for image callbacks (nor they for it); inference runs on the
+        # worker.
         self.create_service(TextQuery, QUERY_SERVICE, self._on_query, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(RenderView, RENDER_SERVICE, self._on_render,
+                            callback_group=MutuallyExclusiveCallbackGroup())
         self._worker: LatestPairWorker[PreparedPair] = LatestPairWorker(
             self._process_pair, logger=self.get_logger(), name='lsm_inference',
             log_interval_s=node_config.log_throttle_s).start()
@@ -273,7 +331,11 @@ class LsmNode(Node):
                     f'{self.resolve_topic_name(RIGHT_IMAGE_TOPIC)}')
         if rec.semantic:
             logger.info(f'semantic model: labels {list(cfg.labels)} on {self.resolve_topic_name(SEMANTIC_LABELS_TOPIC)}'
-                        f'; text queries on {self.resolve_service_name(QUERY_SERVICE)}')
+                        f'; text queries on {self.resolve_service_name(QUERY_SERVICE)}; rendering on '
+                        f'{self.resolve_service_name(RENDER_SERVICE)}'
+                        + (f'; render views {list(cfg.render_views)}' if cfg.render_views else ''))
+        elif cfg.render_views:
+            logger.warning(f'render_views {list(cfg.render_views)} ignored: the geometry-only model has no Gaussians')
         if not rec.trained_weights:
             banner = '!' * 100
             logger.error(f'\n{banner}\n  UNTRAINED WEIGHTS ({rec.weights}): every product of this node is '
@@ -281,6 +343,8 @@ class LsmNode(Node):
 
     def _on_config_change(self, pipeline: PipelineConfig, node_config: NodeConfig) -> None:
         self._reconstructor.config = self._pipeline_config_for(self._reconstructor, pipeline)
+        if self._reconstructor.semantic:
+            self._create_render_view_publishers(node_config.render_views)
         self._warnings.interval_s = node_config.log_throttle_s
         if self._sync_settings(node_config) != self._synchronizer_settings:
             self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
@@ -294,6 +358,23 @@ class LsmNode(Node):
     def query_service_name(self) -> str:
         """Fully resolved name of the ~/query service."""
         return self.resolve_service_name(QUERY_SERVICE)
+
+    def render_service_name(self) -> str:
+        """Fully resolved name of the ~/render service."""
+        return self.resolve_service_name(RENDER_SERVICE)
+
+    def render_view_topic_names(self, view: str) -> tuple[str, str]:
+        """Fully resolved (image, camera_info) topics of a ``render_views`` view."""
+        image_topic, info_topic = render_view_topics(view)
+        return self.resolve_topic_name(image_topic), self.resolve_topic_name(info_topic)
+
+    def _create_render_view_publishers(self, views: tuple[str, ...]) -> None:
+        """Publishers of the render views not published yet (they stay when a view is removed)."""
+        for view in views:
+            image_topic, info_topic = render_view_topics(view)
+            if image_topic not in self._publishers_by_topic:
+                self._publishers_by_topic[info_topic] = self.create_publisher(CameraInfo, info_topic, PRODUCT_QOS)
+                self._publishers_by_topic[image_topic] = self.create_publisher(Image, image_topic, PRODUCT_QOS)
 
     @property
     def reconstructor(self) -> Reconstructor:
@@ -459,7 +540,10 @@ class LsmNode(Node):
             self._publish(RELATIVE_POSE_TOPIC, lambda: conversions.pose_stamped_from_matrix(result.T_1_2,
                                                                                            left_header()))
             if cfg.publish_tf:
-                self._publish_tf(result.T_1_2, left_header(), pair.right_frame)
+                transforms = [(result.T_1_2, pair.right_frame)]
+                if 'midway' in cfg.render_views and self._reconstructor.semantic:
+                    transforms.append((midway_pose(result.T_1_2), pair.left_frame + MIDWAY_FRAME_SUFFIX))
+                self._publish_tf(transforms, left_header())
         else:
             self._count('pose_failures')
             self._warnings.warning('pose_failed', f'relative pose of the pair at {pair.stamp_ns * 1e-9:.6f} s '
@@ -481,6 +565,44 @@ class LsmNode(Node):
         with self._lock:
             self._counts['processed'] += 1
             self._latencies_s.append(latency_s)
+        if cfg.render_views and result.gaussians is not None:
+            self._publish_render_views(pair, result, cfg.render_views)
+
+    def _publish_render_views(self, pair: PreparedPair, result: Reconstruction, views: tuple[str, ...]) -> None:
+        """Render and publish the ``render_views`` of a reconstruction (rgb8 image and camera info per view)."""
+        stamp = conversions.nanoseconds_to_stamp(pair.stamp_ns)
+        for view in views:
+            image_topic, info_topic = render_view_topics(view)
+            if image_topic not in self._publishers_by_topic:
+                continue  # named by a parameter change whose publishers are being created
+            if view != 'left' and not result.pose.success:
+                self._warnings.warning(f'render_{view}_no_pose', f'no relative pose for the pair at '
+                                       f'{pair.stamp_ns * 1e-9:.6f} s: render view {view!r} not published')
+                continue
+            camera, frame = self._render_view_camera(view, pair, result)
+            try:
+                rendered = self._reconstructor.render(result, camera.T_left_camera, camera.K,
+                                                      (camera.width, camera.height), channels=('rgb',))
+            except Exception as exc:  # noqa: BLE001 - a failed render must not stop the node
+                self._count('render_view_failures')
+                self._warnings.warning(f'render_{view}_failed', f'rendering view {view!r} of the pair at '
+                                       f'{pair.stamp_ns * 1e-9:.6f} s failed: {type(exc).__name__}: {exc}')
+                continue
+            header = conversions.make_header(stamp, frame)
+            self._publish(image_topic, functools.partial(conversions.unit_rgb_to_image_msg, rendered.rgb, header))
+            self._publish(info_topic, functools.partial(conversions.model_camera_info, rendered.K, rendered.width,
+                                                        rendered.height, header))
+
+    @staticmethod
+    def _render_view_camera(view: str, pair: PreparedPair, result: Reconstruction) -> tuple[VirtualCamera, str]:
+        """The camera of a ``render_views`` view at the model size, and the frame of its images."""
+        width, height = result.size
+        if view == 'left':
+            return VirtualCamera(np.eye(4), result.K_1, width, height), pair.left_frame
+        if view == 'right':
+            return VirtualCamera(result.T_1_2, result.K_2, width, height), pair.right_frame
+        return (VirtualCamera(midway_pose(result.T_1_2), 0.5 * (result.K_1 + result.K_2), width, height),
+                pair.left_frame + MIDWAY_FRAME_SUFFIX)
 
     def _label(self, pair: PreparedPair, result: Reconstruction, labels: tuple[str, ...]) -> QueryResult | None:
         """The active label set's answer on both views; None (warned) when the query fails."""
@@ -565,18 +687,132 @@ class LsmNode(Node):
         except (ValueError, RuntimeError) as exc:
             raise QueryRefused(f'{type(exc).__name__}: {exc}') from exc
 
-    def _publish_tf(self, T_left_right: np.ndarray, header: Header, right_frame: str) -> None:
+    def _publish_tf(self, transforms: list[tuple[np.ndarray, str]], header: Header) -> None:
+        """Broadcast ``(T_left_child, child frame)`` transforms from the left frame (the right camera first)."""
+        right_frame = transforms[0][1]
         if right_frame == header.frame_id:
             self._warnings.warning('tf_same_frame', f'left and right frames are both {right_frame!r}: set '
                                    'left_frame_id/right_frame_id to publish /tf')
             return
         if self._tf_publisher is None:
             self._tf_publisher = self.create_publisher(TFMessage, TF_TOPIC, TF_QOS)
-        message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T_left_right, header, right_frame)])
+        message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T, header, child)
+                                        for T, child in transforms])
         try:
             self._tf_publisher.publish(message)
         except Exception as exc:  # noqa: BLE001 - rclpy raises RCLError (and others on shutdown)
             self._publish_failed(TF_TOPIC, exc)
+
+    # ------------------------------------------------------------------------------------------ rendering
+    def _on_render(self, request: RenderView.Request, response: RenderView.Response) -> RenderView.Response:
+        """~/render: render the latest reconstruction from the requested camera; refusals set success=false."""
+        self._count('renders')
+        started = time.perf_counter()
+        try:
+            latest, camera, channels, phrases = self._parse_render_request(request)
+            try:
+                rendered = self._reconstructor.render(
+                    latest.result, camera.T_left_camera, camera.K, (camera.width, camera.height),
+                    channels=[c for c in channels if c in RENDER_CHANNELS], phrases=phrases or None)
+            except (ValueError, RuntimeError) as exc:
+                raise RenderRefused(f'{type(exc).__name__}: {exc}') from exc
+            self._fill_render_response(response, latest, rendered, channels)
+        except RenderRefused as exc:
+            self._count('renders_refused')
+            self._warnings.warning('render_refused', f'~/render refused: {exc}')
+            return RenderView.Response(success=False, message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed render must not stop the executor
+            self._count('renders_failed')
+            self.get_logger().error(f'~/render failed: {type(exc).__name__}: {exc}')
+            return RenderView.Response(success=False, message=f'render failed: {type(exc).__name__}: {exc}')
+        response.message = (f'{", ".join(channels)} at {camera.width}x{camera.height} of the reconstruction at '
+                            f'{latest.stamp_ns * 1e-9:.6f} s in {time.perf_counter() - started:.2f} s')
+        return response
+
+    def _parse_render_request(self, request: RenderView.Request) -> tuple[
+            LatestReconstruction, VirtualCamera, tuple[str, ...], tuple[str, ...]]:
+        """Check a request: (latest reconstruction, camera, channels, phrases); raises :class:`RenderRefused`."""
+        if not self._reconstructor.semantic:
+            raise RenderRefused(f'lsm_node runs a geometry-only model ({self._reconstructor.weights}): rendering '
+                                'needs the semantic Gaussians of the full LSM (set lsm_checkpoint, with '
+                                'dust3r_checkpoint and lseg_checkpoint unless the LSM file names them)')
+        try:
+            T_left_camera = conversions.checked_pose_msg_to_matrix(request.pose)
+        except ValueError as exc:
+            raise RenderRefused(f'pose: {exc}') from exc
+        width, height = int(request.width), int(request.height)
+        if (width == 0) != (height == 0):
+            raise RenderRefused(f'width and height must both be 0 (the model size) or both be set, got '
+                                f'{width}x{height}')
+        if max(width, height) > MAX_RENDER_SIDE:
+            raise RenderRefused(f'size {width}x{height} exceeds {MAX_RENDER_SIDE} pixels per side')
+        K = np.asarray(request.k, dtype=np.float64).reshape(3, 3)
+        if np.any(K) and not is_pinhole_matrix(K):
+            raise RenderRefused(f'k must be [fx, 0, cx, 0, fy, cy, 0, 0, 1] with finite values and fx, fy > 0 (all '
+                                f'zeros: the left model camera), got {K.ravel().tolist()}')
+        channels = tuple(dict.fromkeys(request.channels)) or DEFAULT_RENDER_CHANNELS
+        unknown = [c for c in channels if c not in RENDER_REQUEST_CHANNELS]
+        if unknown:
+            raise RenderRefused(f'unknown channel(s) {unknown}: choose among {list(RENDER_REQUEST_CHANNELS)}')
+        if width * height > MAX_FEATURE_RENDER_PIXELS and {'features', 'labels'} & set(channels):
+            raise RenderRefused(f'features and labels are rendered at up to {MAX_FEATURE_RENDER_PIXELS} pixels (e.g. '
+                                f'1024x1024), {width}x{height} has {width * height}')
+        phrases: tuple[str, ...] = ()
+        if 'labels' in channels:
+            try:
+                phrases = semantics.validate_phrases(list(request.phrases)) if request.phrases \
+                    else self._lsm_params.node_config.labels
+            except ValueError as exc:
+                raise RenderRefused(f'phrases: {exc}') from exc
+        elif request.phrases:
+            raise RenderRefused("phrases are for the 'labels' channel, which was not requested")
+        with self._lock:
+            latest = self._latest
+        if latest is None:
+            raise RenderRefused('no reconstruction yet: the first stereo pair is still awaited or being processed')
+        model_size = latest.result.size
+        size = (width, height) if width else model_size
+        if not np.any(K):
+            K = conversions.resized_intrinsics(latest.result.K_1, model_size, size)
+        return latest, VirtualCamera(T_left_camera, K, *size), channels, phrases
+
+    def _fill_render_response(self, response: RenderView.Response, latest: LatestReconstruction,
+                              rendered: RenderedView, channels: tuple[str, ...]) -> None:
+        """The requested images (left frame, the reconstruction's stamp), camera info, phrases and frames."""
+        stamp = conversions.nanoseconds_to_stamp(latest.stamp_ns)
+
+        def header() -> Header:
+            return conversions.make_header(stamp, latest.left_frame)
+
+        empty = rendered.alpha < DEPTH_MIN_ALPHA
+        if 'rgb' in channels:
+            response.rgb = conversions.unit_rgb_to_image_msg(rendered.rgb, header())
+        if 'depth' in channels:
+            response.depth = conversions.depth_to_image_msg(rendered.depth, header())
+        if 'alpha' in channels:
+            response.alpha = conversions.float_image_to_msg(rendered.alpha, header())
+        if 'features' in channels:
+            colors = self._feature_pca(latest.result.gaussians).colors(rendered.features)
+            colors[empty] = 0
+            response.features = conversions.rgb_to_image_msg(colors, header())
+        if 'labels' in channels:
+            response.labels = conversions.mono_to_image_msg(rendered.labels, header())
+            response.phrases = list(rendered.phrases)
+        response.camera_info = conversions.model_camera_info(rendered.K, rendered.width, rendered.height, header())
+        response.stamp = stamp
+        response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
+        response.success = True
+
+    def _feature_pca(self, gaussians: GaussianCloud) -> FeaturePca:
+        """The PCA colouring of a reconstruction's features, fitted once on its Gaussians' features."""
+        with self._lock:
+            cached = self._feature_pca_cache
+        if cached is not None and cached[0] is gaussians:
+            return cached[1]
+        pca = FeaturePca.fit(gaussians.features)
+        with self._lock:
+            self._feature_pca_cache = (gaussians, pca)
+        return pca
 
     def _publish(self, topic: str, build: Callable[[], Any]) -> None:
         try:
@@ -637,7 +873,7 @@ def main(args: list[str] | None = None) -> int:
     node = None
     try:
         node = LsmNode()
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor = MultiThreadedExecutor(num_threads=3)  # image callbacks, a query and a render at once
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

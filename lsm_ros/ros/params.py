@@ -1,6 +1,7 @@
 """ROS parameters of ``lsm_node``: one per field of :class:`PipelineConfig` and :class:`NodeConfig`.
 
-Field types map to parameter types: bool, int (integer), float (double), str (string), tuple (string array).
+Field types map to parameter types: bool, int (integer), float (double), str (string), tuple (string array;
+an empty one may be given as ``[]`` in a params file).
 
 Each :class:`~lsm_ros.config.ParameterSpec` becomes a declared parameter with a ``ParameterDescriptor``
 (description, type, range, choices in ``additional_constraints``, read_only). Values from
@@ -54,6 +55,14 @@ def parameter_descriptor(spec: ParameterSpec) -> ParameterDescriptor:
     return descriptor
 
 
+def _declared_default(spec: ParameterSpec, default: Any) -> Any:
+    """The default to declare: the value, or for an empty string array its type (rclpy would infer a byte array
+    from an empty list)."""
+    if spec.type is tuple and not default:
+        return Parameter.Type.STRING_ARRAY
+    return default
+
+
 class LsmParameters:
     """Declares the parameters on ``node``, holds the current configs and keeps them valid at runtime.
 
@@ -70,8 +79,12 @@ class LsmParameters:
         defaults = {**dataclasses.asdict(pipeline_defaults or PipelineConfig()),
                     **dataclasses.asdict(node_defaults or NodeConfig())}
         self.specs: dict[str, ParameterSpec] = {spec.name: spec for spec in all_parameter_specs()}
-        node.declare_parameters('', [(name, defaults[name], parameter_descriptor(spec))
-                                     for name, spec in self.specs.items()])
+        declared = node.declare_parameters('', [(name, _declared_default(spec, defaults[name]),
+                                                 parameter_descriptor(spec)) for name, spec in self.specs.items()])
+        # A string array without a value (an empty default, or `[]` in a params file, which rcl reads as no value)
+        # is the empty array.
+        node.set_parameters([Parameter(p.name, Parameter.Type.STRING_ARRAY, []) for p in declared
+                             if p.type_ == Parameter.Type.NOT_SET and self.specs[p.name].type is tuple])
         values = {name: node.get_parameter(name).value for name in self.specs}
         try:
             self.pipeline: PipelineConfig = config_from_mapping(PipelineConfig, values, strict=False)
