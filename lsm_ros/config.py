@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from lsm_ros.semantics import DEFAULT_LABELS, MAX_PHRASE_CHARS, MAX_PHRASES, validate_phrases
 
 RESOLUTIONS = (224, 256, 512)
+# Arithmetic precisions of the dense networks: lsm_ros.model.layers.PRECISIONS (not imported: no torch here).
+PRECISIONS = ('fp32', 'bf16', 'fp16')
 # Virtual views lsm_node can render after every reconstruction (parameter render_views).
 RENDER_VIEWS = ('left', 'right', 'midway')
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
@@ -108,6 +110,15 @@ class PipelineConfig:
     resolution: int = _param(
         256, 'Model input resolution: 224 or 256 (short side, centre square crop) or 512 (long side, '
         'multiples of 16), as in the official demo.', choices=RESOLUTIONS, read_only=True)
+    precision: str = _param(
+        'fp32', "Arithmetic of the dense networks. 'fp32': exact (the official implementation's results). 'bf16' "
+        '(CPU with AVX512-BF16/AMX, or CUDA): LSeg under bfloat16 autocast, DUSt3R stays fp32 (in bf16 its depth '
+        "would differ from fp32 by over 1 % on a fifth to a third of the pixels); 'fp16' (CUDA only): DUSt3R and "
+        'LSeg under float16 autocast (depth within about 1 % of fp32). Reduced precision is approximate: '
+        'matrix products and convolutions are rounded (the transformers\' residual streams stay float32), and '
+        'small point-map changes move points across PTv3 voxels. Always float32: the point-map exp post-processing, '
+        'point merging and voxelisation, PTv3, kNN and the Gaussian head (CLIP text features and label '
+        'decoding are float16, as in the official code).', choices=PRECISIONS, read_only=True)
     min_confidence: float = _param(
         1.0, 'Points and depth pixels with a DUSt3R confidence below this are dropped (NaN in depth). '
         'Confidence is 1 + exp(c) >= 1, so 1.0 keeps everything.', min_value=1.0, max_value=1.0e6)

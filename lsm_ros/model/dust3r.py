@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .dpt import CONF_MODES, DEPTH_MODES, ConfMode, DepthMode, DPTHead, postprocess
-from .layers import LAYER_NORM_EPS, DecoderBlock, EncoderBlock, PatchEmbed, RoPE2D
+from .layers import LAYER_NORM_EPS, DecoderBlock, EncoderBlock, PatchEmbed, RoPE2D, autocast
 
 CLASS_NAME = 'AsymmetricCroCo3DStereo'
 _ROPE_PATTERN = re.compile(r'RoPE(\d+(?:\.\d*)?)')
@@ -182,8 +182,10 @@ class Dust3rNet(nn.Module):
                                   for _ in range(2))
 
     def encode(self, images: Tensor) -> Encoded:
-        """images (B, 3, H, W) in [-1, 1], H and W multiples of the patch size -> :class:`Encoded`."""
+        """images (B, 3, H, W) in [-1, 1], H and W multiples of the patch size -> :class:`Encoded`.
+        The residual stream stays float32 under autocast (only the blocks' matrix products are reduced)."""
         tokens, positions = self.patch_embed(images)
+        tokens = tokens.float()
         for block in self.enc_blocks:
             tokens = block(tokens, positions)
         return Encoded(self.enc_norm(tokens), positions)
@@ -195,7 +197,7 @@ class Dust3rNet(nn.Module):
         (B, N, dec_dim)], the last one after dec_norm (the input list of the DPT heads).
         """
         outputs1, outputs2 = [view1.tokens], [view2.tokens]
-        x1, x2 = self.decoder_embed(view1.tokens), self.decoder_embed(view2.tokens)
+        x1, x2 = self.decoder_embed(view1.tokens).float(), self.decoder_embed(view2.tokens).float()
         for block1, block2 in zip(self.dec_blocks1, self.dec_blocks2):
             x1, x2 = (block1(x1, x2, view1.positions, view2.positions),
                       block2(x2, x1, view2.positions, view1.positions))
@@ -208,29 +210,34 @@ class Dust3rNet(nn.Module):
     def predict(self, decoded1: list[Tensor], decoded2: list[Tensor], image_size: tuple[int, int]
                 ) -> dict[str, Tensor]:
         """Heads and post-processing: decoder lists of :meth:`decode` -> pts3d_1, conf_1, pts3d_2, conf_2
-        (points (B, H, W, 3) in view 1's frame, confidences (B, H, W))."""
+        (points (B, H, W, 3) in view 1's frame, confidences (B, H, W)). The post-processing (exp/expm1) runs in
+        float32 outside any autocast."""
         hooks = self.config.head_hooks
         out: dict[str, Tensor] = {}
         for index, (head, decoded) in enumerate(((self.head1, decoded1), (self.head2, decoded2)), start=1):
             raw = head([decoded[i] for i in hooks], image_size)
-            out[f'pts3d_{index}'], out[f'conf_{index}'] = postprocess(raw, self.config.depth_mode,
-                                                                       self.config.conf_mode)
+            with torch.autocast(raw.device.type, enabled=False):
+                out[f'pts3d_{index}'], out[f'conf_{index}'] = postprocess(raw.float(), self.config.depth_mode,
+                                                                           self.config.conf_mode)
         return out
 
-    def forward(self, img1: Tensor, img2: Tensor) -> dict[str, Tensor]:
+    def forward(self, img1: Tensor, img2: Tensor, precision: str = 'fp32') -> dict[str, Tensor]:
         """img1, img2 (B, 3, H, W) float in [-1, 1], same shape, H and W multiples of the patch size.
 
         Returns ``pts3d_1`` (B, H, W, 3) view 1's points, ``conf_1`` (B, H, W), ``pts3d_2`` (B, H, W, 3) view 2's
         points in view 1's frame, ``conf_2`` (B, H, W), and ``enc_feat`` (B, 2N, enc_dim): the encoder tokens
-        after enc_norm, view 1's N = (H/p)(W/p) row-major tokens, then view 2's.
+        after enc_norm, view 1's N = (H/p)(W/p) row-major tokens, then view 2's; all float32.
+        ``precision`` ('fp32', 'bf16', 'fp16'; see :func:`~.layers.autocast`): the encoder, decoders and heads
+        run under that autocast, the post-processing in float32.
         """
         self._check_images(img1, img2)
-        encoded = self.encode(torch.cat((img1, img2), dim=0))  # one batch, as the official code does
-        tokens1, tokens2 = encoded.tokens.chunk(2, dim=0)
-        positions1, positions2 = encoded.positions.chunk(2, dim=0)
-        view1, view2 = Encoded(tokens1, positions1), Encoded(tokens2, positions2)
-        out = self.predict(*self.decode(view1, view2), image_size=(img1.shape[-2], img1.shape[-1]))
-        out['enc_feat'] = torch.cat((tokens1, tokens2), dim=1)
+        with autocast(precision, img1.device):
+            encoded = self.encode(torch.cat((img1, img2), dim=0))  # one batch, as the official code does
+            tokens1, tokens2 = encoded.tokens.chunk(2, dim=0)
+            positions1, positions2 = encoded.positions.chunk(2, dim=0)
+            view1, view2 = Encoded(tokens1, positions1), Encoded(tokens2, positions2)
+            out = self.predict(*self.decode(view1, view2), image_size=(img1.shape[-2], img1.shape[-1]))
+        out['enc_feat'] = torch.cat((tokens1, tokens2), dim=1).float()
         return out
 
     def _check_images(self, img1: Tensor, img2: Tensor) -> None:

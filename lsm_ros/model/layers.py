@@ -2,6 +2,7 @@
 
 Shape letters used throughout: B batch, N tokens, C channels, h heads, D = C / h head channels.
 Token positions are integer (y, x) coordinates on the patch grid, shape (B, N, 2).
+Also the arithmetic precisions of the dense networks (:data:`PRECISIONS`, :func:`autocast`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LAYER_NORM_EPS = 1e-6
+# Arithmetic of the dense networks: 'fp32' exact; 'bf16' / 'fp16' their matrix products and convolutions under
+# torch.autocast (the transformers' residual streams and layer norms and the networks' outputs stay float32).
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+_AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Raise ValueError for a precision not in :data:`PRECISIONS` or one ``device`` cannot run: 'fp16' needs
+    CUDA, 'bf16' on CUDA a GPU with bfloat16 support."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}: choose among {list(PRECISIONS)}')
+    device_type = torch.device(device).type
+    if precision == 'fp16' and device_type != 'cuda':
+        raise ValueError(f"precision 'fp16' needs a CUDA device (got {device_type}); use 'bf16' or 'fp32' on "
+                         'the CPU')
+    if precision == 'bf16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+
+
+def autocast(precision: str, device: torch.device | str) -> torch.autocast:
+    """The context a dense network runs in: autocast to bfloat16/float16 on ``device``'s type, or (for 'fp32')
+    autocast disabled, so that the exact path stays exact inside an enclosing autocast too."""
+    check_precision(precision, device)
+    device_type = torch.device(device).type
+    if precision == 'fp32':
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 class RoPE2D(nn.Module):

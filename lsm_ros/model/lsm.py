@@ -7,6 +7,9 @@ Stage API (a public contract)::
     semantics = model.semantics(img1, img2)      # lseg_features, lseg_token_feature, lseg_res_feature
     gaussians = model.gaussians(img1, img2, geometry, semantics)   # means, scales, rotations, opacities, sh, features
 
+``geometry`` and ``semantics`` take ``precision='fp32'`` (default, exact), ``'bf16'`` or ``'fp16'`` (CUDA): DUSt3R or
+LSeg then runs under autocast and returns float32; PTv3 and the Gaussian head always run in float32.
+
 Images are pre-processed (B, 3, H, W) float32 tensors in [-1, 1] (H, W multiples of 16; multiples of 128 keep
 LSeg's 8x8 token pooling exact). Every 3-D quantity is in view 1's camera frame (OpenCV/REP 103 optical frame)
 in DUSt3R's units. Gaussian rows are ordered (batch, view, row, column): view 1's pixels row-major, then view 2's.
@@ -31,6 +34,7 @@ from .checkpoint import (CheckpointError, load_checkpoint_file, load_dust3r_chec
 from .clip_text import ClipTextConfig, ClipTextEncoder
 from .dust3r import Dust3rConfig, Dust3rNet
 from .gaussian_head import GaussianHead, GaussianHeadConfig, knn_mean_squared_distance
+from .layers import autocast
 from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint, upsample_logits
 from .ptv3 import PointTransformerV3LSM, PTv3Config
 
@@ -142,22 +146,27 @@ class LargeSpatialModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ stages
     @torch.no_grad()
-    def geometry(self, img1: Tensor, img2: Tensor) -> dict[str, Tensor]:
+    def geometry(self, img1: Tensor, img2: Tensor, precision: str = 'fp32') -> dict[str, Tensor]:
         """DUSt3R: ``pts3d_1``/``pts3d_2`` (B,H,W,3) in view 1's frame, ``conf_1``/``conf_2`` (B,H,W),
-        ``enc_feat`` (B, 2·(H/16)(W/16), 1024) encoder tokens (view 1's then view 2's)."""
-        return self.dust3r(img1, img2)
+        ``enc_feat`` (B, 2·(H/16)(W/16), 1024) encoder tokens (view 1's then view 2's), float32.
+        ``precision``: 'fp32' (exact), 'bf16' or 'fp16' (network under autocast, post-processing float32)."""
+        return self.dust3r(img1, img2, precision=precision)
 
     @torch.no_grad()
-    def semantics(self, img1: Tensor, img2: Tensor) -> dict[str, Tensor]:
+    def semantics(self, img1: Tensor, img2: Tensor, precision: str = 'fp32') -> dict[str, Tensor]:
         """LSeg: ``lseg_features`` (2B,512,H/2,W/2) for cat([img1, img2]); ``lseg_token_feature``
         (B, 2·(H/16)(W/16), 512) their 8x8 average pools, view 1's then view 2's, row-major;
-        ``lseg_res_feature`` (2B,64,H,W) the reduced features added to the Gaussian features."""
+        ``lseg_res_feature`` (2B,64,H,W) the reduced features added to the Gaussian features; float32.
+        ``precision``: as for :meth:`geometry` (LSeg's network under autocast, the rest float32)."""
         batch = img1.shape[0]
-        features = self.lseg(torch.cat([img1, img2]))
-        tokens = F.avg_pool2d(features, TOKEN_POOL)
-        tokens = tokens.unflatten(0, (2, batch)).permute(1, 0, 3, 4, 2).flatten(1, 3)  # (v b) c h w -> b (v h w) c
-        residual = F.interpolate(self.feature_reduction(features), scale_factor=2, mode='bilinear',
-                                 align_corners=False)
+        with autocast(precision, img1.device):
+            features = self.lseg(torch.cat([img1, img2]))
+        with autocast('fp32', img1.device):
+            features = features.float()
+            tokens = F.avg_pool2d(features, TOKEN_POOL)
+            tokens = tokens.unflatten(0, (2, batch)).permute(1, 0, 3, 4, 2).flatten(1, 3)  # (v b) c h w -> b (v h w) c
+            residual = F.interpolate(self.feature_reduction(features), scale_factor=2, mode='bilinear',
+                                     align_corners=False)
         return dict(lseg_features=features, lseg_token_feature=tokens, lseg_res_feature=residual)
 
     @torch.no_grad()
@@ -170,7 +179,7 @@ class LargeSpatialModel(nn.Module):
         ``scales`` (M,3), ``rotations`` (M,4) unit quaternions (x, y, z, w), ``opacities`` (M,1) in (0,1),
         ``sh`` (M,16,3) degree-3 SH (DC first, RGB last), ``features`` (M,64), plus ``covariances`` (M,3,3),
         ``point_features`` (M,64) (PTv3 output), ``knn_mean_sq_dist`` (M,), ``center`` (B,3), ``scale`` (B,),
-        with M = B·2·H·W.
+        with M = B·2·H·W. Runs in float32, also inside an autocast.
         """
         batch = img1.shape[0]
         if serialization_order is not None and isinstance(serialization_order, Tensor) \
@@ -180,26 +189,28 @@ class LargeSpatialModel(nn.Module):
             raise ValueError(f'{len(serialization_order)} serialization orders for a batch of {batch}')
         residual = semantics['lseg_res_feature'].unflatten(0, (2, batch))  # (v b) c h w
         per_sample: list[dict[str, Tensor]] = []
-        for b in range(batch):
-            coord, color, center, scale = merge_points(geometry['pts3d_1'][b], geometry['pts3d_2'][b],
-                                                       img1[b], img2[b])
-            point_features = self.point_transformer(
-                coord, torch.cat([coord, color], dim=1), geometry['enc_feat'][b:b + 1],
-                semantics['lseg_token_feature'][b:b + 1], semantics['lseg_token_feature'][b:b + 1],
-                serialization_order=None if serialization_order is None else serialization_order[b])
-            means = coord * scale[0] + center[0]
-            out = self.gaussian_head(point_features, means, color,
-                                     residual[:, b].permute(0, 2, 3, 1).reshape(-1, residual.shape[2]),
-                                     knn_mean_squared_distance(means))
-            out.update(point_features=point_features, center=center.reshape(1, 3), scale=scale.reshape(1))
-            per_sample.append(out)
+        with autocast('fp32', img1.device):
+            for b in range(batch):
+                coord, color, center, scale = merge_points(geometry['pts3d_1'][b], geometry['pts3d_2'][b],
+                                                           img1[b], img2[b])
+                point_features = self.point_transformer(
+                    coord, torch.cat([coord, color], dim=1), geometry['enc_feat'][b:b + 1],
+                    semantics['lseg_token_feature'][b:b + 1], semantics['lseg_token_feature'][b:b + 1],
+                    serialization_order=None if serialization_order is None else serialization_order[b])
+                means = coord * scale[0] + center[0]
+                out = self.gaussian_head(point_features, means, color,
+                                         residual[:, b].permute(0, 2, 3, 1).reshape(-1, residual.shape[2]),
+                                         knn_mean_squared_distance(means))
+                out.update(point_features=point_features, center=center.reshape(1, 3), scale=scale.reshape(1))
+                per_sample.append(out)
         return {key: torch.cat([sample[key] for sample in per_sample]) for key in per_sample[0]}
 
     @torch.no_grad()
-    def forward(self, img1: Tensor, img2: Tensor) -> dict[str, dict[str, Tensor]]:
-        """All three stages: {'geometry': ..., 'semantics': ..., 'gaussians': ...}."""
-        geometry = self.geometry(img1, img2)
-        semantics = self.semantics(img1, img2)
+    def forward(self, img1: Tensor, img2: Tensor, precision: str = 'fp32') -> dict[str, dict[str, Tensor]]:
+        """All three stages: {'geometry': ..., 'semantics': ..., 'gaussians': ...}; ``precision`` applies to
+        DUSt3R and LSeg (PTv3 and the Gaussian head run in float32)."""
+        geometry = self.geometry(img1, img2, precision)
+        semantics = self.semantics(img1, img2, precision)
         return dict(geometry=geometry, semantics=semantics,
                     gaussians=self.gaussians(img1, img2, geometry, semantics))
 
