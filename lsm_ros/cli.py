@@ -8,6 +8,9 @@
                                             [--channels rgb depth features labels] [--query PHRASE ...]
                                             [--size W H] [--device auto]   # novel views along a camera path
     lsm-ros demo [--out DIR] [--bag PATH] [--max-pairs N]    # the node on a stereo bag, products to DIR
+    lsm-ros bench [--quick] [--resolutions 224 256 512x384] [--pairs N] [--warmup N] [--device D] [--threads N]
+                  [--precision P] [--json PATH]                    # per-stage times, pairs/s, peak memory
+    lsm-ros bench --ros [--rate 30] [--duration S] ...             # lsm_node on loopback: latency, drops
 """
 from __future__ import annotations
 
@@ -590,6 +593,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lsm_ros.benchmark import run_bench_command
+    return run_bench_command(args)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{value} is negative')
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'{text} is not a positive number')
+    return value
+
+
+def model_size(text: str):
+    """argparse type: a bench model size (224, 256, or WxH with a long side of 512)."""
+    from lsm_ros.benchmark import parse_model_size
+    try:
+        return parse_model_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def probability(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     try:
@@ -665,6 +715,51 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument('--size', nargs=2, type=int, metavar=('W', 'H'), help='frame size (default the model size)')
     add_weights_arguments(ren, inference=False)
     ren.set_defaults(func=cmd_render)
+
+    bench = sub.add_parser(
+        'bench', help='measure speed and memory: per pipeline stage, or the ROS path (--ros)',
+        description='Stage mode: warm-up plus --pairs timed image pairs at each of --resolutions through the '
+                    'stages composed from the public APIs (checked once against Reconstructor.reconstruct); prints '
+                    'per stage median and p95 (ms), the totals, pairs/s and peak memory as a markdown table. '
+                    '--ros: lsm_node in this process on loopback, stereo pairs with CameraInfo published at --rate '
+                    'for --duration s: latency publish -> all products, pairs dropped, backlog, RSS growth. The '
+                    'model is the full-size LSM with the reference weights (UNTRAINED; seeded random weights when '
+                    'the reference folder is absent), the official files when given, or the tiny model (--quick).')
+    bench.add_argument('--quick', action='store_true',
+                       help='the tiny random LSM (LsmConfig.tiny()) instead of the full-size model (for tests)')
+    bench.add_argument('--ros', action='store_true', help='measure the ROS path instead of the stages')
+    bench.add_argument('--resolutions', nargs='+', type=model_size, metavar='SIZE',
+                       help='model sizes: 224, 256 or WxH with a long side of 512 (default 224 256 512x384; with '
+                            '--ros one size of 224, 256, 512x384, default 256, or 224 with --quick)')
+    bench.add_argument('--pairs', type=positive_int, default=5, help='timed pairs per size (default 5)')
+    bench.add_argument('--warmup', type=non_negative_int, default=1,
+                       help='untimed pairs first at each size (default 1)')
+    bench.add_argument('--images', default='auto',
+                       help='image pairs: auto (default: the first available of the following), reference (the '
+                            'parity reference pair), demo (shared/data/lsm_demo_pairs), synthetic (ray-cast room); '
+                            'cropped and resized to each size')
+    bench.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
+    bench.add_argument('--precision', default=None,
+                       help="the pipeline's precision (PipelineConfig.precision, when this build has it; default "
+                            'its default, fp32 otherwise)')
+    bench.add_argument('--threads', type=positive_int, default=None,
+                       help='torch CPU threads (default: torch\'s own choice)')
+    bench.add_argument('--rate', type=positive_float, default=30.0, help='--ros: pairs published per second '
+                                                                        '(default 30)')
+    bench.add_argument('--duration', type=positive_float, default=60.0,
+                       help='--ros: seconds of publishing after the warm-up pair (default 60)')
+    bench.add_argument('--max-other-cores', type=positive_float, default=None, metavar='CORES',
+                       help='on a shared machine: repeat a timed pair during which other processes kept more than '
+                            'CORES cores busy on average, after waiting for a quiet moment (with --ros: wait for '
+                            'one before streaming); default: keep every pair')
+    bench.add_argument('--json', metavar='PATH', help='also write every figure to this JSON file')
+    bench.add_argument('--dust3r-checkpoint', metavar='FILE', default='',
+                       help='official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (with --lsm-checkpoint)')
+    bench.add_argument('--lseg-checkpoint', metavar='FILE', default='', help='official LSeg demo_e200.ckpt')
+    bench.add_argument('--lsm-checkpoint', metavar='FILE', default='',
+                       help='official LSM checkpoint-final.pth: time the trained model instead of the reference '
+                            'weights')
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
