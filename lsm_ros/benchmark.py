@@ -9,21 +9,23 @@ the composed result is checked against :meth:`Reconstructor.reconstruct` and :me
 same pair, so the bench times the code the node runs.
 
 ROS mode (:func:`run_ros_bench`) runs ``lsm_node`` in-process on loopback (the localhost-only environment of
-:mod:`lsm_ros.ros.isolation`), publishes calibrated stereo pairs with CameraInfo at a fixed rate while inference
-is slower, and measures publish → every product received, the pairs the node drops ("latest pair wins") and
-that no backlog builds up.
+:mod:`lsm_ros.ros.isolation`), publishes calibrated stereo pairs with CameraInfo from a process of its own at a
+fixed rate while inference is slower, and measures publish → every product received, the pairs the node drops
+("latest pair wins") and that no backlog builds up.
+
+On a shared machine, :class:`CpuSnapshot` says how many cores other processes kept busy during a measurement,
+and ``max_other_cores`` repeats the pairs measured under load.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from lsm_ros.camera_path import camera_path
 from lsm_ros.config import PipelineConfig
 from lsm_ros.model.dust3r import Encoded
 from lsm_ros.model.gaussian_head import knn_mean_squared_distance
+from lsm_ros.model.layers import autocast, check_precision
 from lsm_ros.model.lsm import merge_points
 from lsm_ros.pipeline import NETWORK_OUTPUT_KEYS, Reconstructor, estimate_intrinsics
 from lsm_ros.preprocess import ImageCrop, preprocess_pair
@@ -340,39 +343,29 @@ def novel_view(K_1: np.ndarray, K_2: np.ndarray, T_1_2: np.ndarray, size: ModelS
     return path.poses[1], resize.intrinsics_to_model(path.intrinsics[1])
 
 
-def network_autocast(precision: str, device: torch.device) -> AbstractContextManager:
-    """The context the dense networks (DUSt3R, LSeg) run in at ``precision``: a no-op for 'fp32', else the
-    model's autocast (:func:`lsm_ros.model.layers.autocast`, present in builds with PipelineConfig.precision)."""
-    if precision == 'fp32':
-        return nullcontext()
-    from lsm_ros.model.layers import autocast
-    return autocast(precision, device)
-
-
 def compose_reconstruction(reconstructor: Reconstructor, left: np.ndarray, right: np.ndarray,
                            size: ModelSize) -> ComposedPair:
     """One pair through every stage, each timed (see the module docstring). The stages are those of
     :meth:`Reconstructor.reconstruct` (network, semantics, Gaussians, cameras without calibration) plus a render;
-    DUSt3R and LSeg run at the config's ``precision`` when it has one."""
+    DUSt3R and LSeg run in the precisions the reconstructor gives them (``Reconstructor.precisions``)."""
     model, cfg, device = reconstructor.network, reconstructor.config, reconstructor.device
-    precision = getattr(cfg, 'precision', 'fp32')
+    precisions = reconstructor.precisions
     timer = StageTimer(device)
     with torch.no_grad():
         with timer.stage('preprocess'):
             view1, view2 = preprocess_pair(left, right, cfg.resolution)
             img1, img2 = view1.tensor.to(device), view2.tensor.to(device)
-        with timer.stage('dust3r_encoder'), network_autocast(precision, device):
+        with timer.stage('dust3r_encoder'), autocast(precisions['dust3r'], device):
             encoded = model.dust3r.encode(torch.cat((img1, img2), dim=0))
             tokens1, tokens2 = encoded.tokens.chunk(2, dim=0)
             positions1, positions2 = encoded.positions.chunk(2, dim=0)
-        with timer.stage('dust3r_decoder'), network_autocast(precision, device):
+        with timer.stage('dust3r_decoder'), autocast(precisions['dust3r'], device):
             decoded1, decoded2 = model.dust3r.decode(Encoded(tokens1, positions1), Encoded(tokens2, positions2))
-        with timer.stage('dust3r_heads'), network_autocast(precision, device):
+        with timer.stage('dust3r_heads'), autocast(precisions['dust3r'], device):
             geometry = model.dust3r.predict(decoded1, decoded2, image_size=(img1.shape[-2], img1.shape[-1]))
         geometry['enc_feat'] = torch.cat((tokens1, tokens2), dim=1).float()
         with timer.stage('lseg'):
-            semantics = model.semantics(img1, img2) if precision == 'fp32' else model.semantics(img1, img2,
-                                                                                                  precision)
+            semantics = model.semantics(img1, img2, precision=precisions['lseg'])
         with timer.stage('merge'):
             coord, color, center, scale = merge_points(geometry['pts3d_1'][0], geometry['pts3d_2'][0], img1[0],
                                                        img2[0])
@@ -630,6 +623,7 @@ class RosBenchResult:
             last_latency_over_service=None if last is None or not service else last / service,
             max_latency_over_service=None if not self.latencies_s or not service else max(self.latencies_s) / service,
             latencies_ms=[1e3 * v for v in self.latencies_s], warmup_latency_ms=1e3 * self.warmup_latency_s,
+            completion_gaps_ms=[1e3 * v for v in np.diff(self.completion_times_s)],
             rss_after_warmup_mib=self.rss_after_warmup_bytes / MIB,
             rss_after_stream_mib=self.rss_after_stream_bytes / MIB,
             rss_growth_mib=(self.rss_after_stream_bytes - self.rss_after_warmup_bytes) / MIB,
@@ -974,19 +968,12 @@ def format_ros_table(report: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def precision_field() -> dataclasses.Field | None:
-    """PipelineConfig's ``precision`` field when this build has one (None: fp32 only)."""
-    return next((f for f in dataclasses.fields(PipelineConfig) if f.name == 'precision'), None)
-
-
-def build_bench_reconstructor(*, quick: bool, device: str, precision: str | None,
+def build_bench_reconstructor(*, quick: bool, device: str, precision: str,
                               checkpoints: Mapping[str, str] | None = None) -> Reconstructor:
     """The reconstructor of a bench run: the tiny random LSM (``quick``), the official files when given, else
     the full-size LSM with the reference weights, or seeded random weights when the reference folder is absent."""
     from lsm_ros.model.lsm import LsmConfig
-    overrides: dict[str, Any] = dict(device=device)
-    if precision is not None:
-        overrides['precision'] = precision
+    overrides: dict[str, Any] = dict(device=device, precision=precision)
     if quick:
         return Reconstructor.from_config(LsmConfig.tiny(), **overrides)
     if checkpoints and any(checkpoints.values()):
@@ -1004,22 +991,6 @@ ROS_SIZES = ('224', '256', '512x384')   # what the node makes of the synthetic r
 
 def _bench_error(message: str) -> SystemExit:
     return SystemExit(f'lsm-ros bench: {message}')
-
-
-def _chosen_precision(requested: str | None) -> str | None:
-    """The precision to pass to PipelineConfig (None when this build has no precision switch)."""
-    precision = precision_field()
-    if precision is None:
-        if requested not in (None, 'fp32', 'float32'):
-            raise _bench_error(f'--precision {requested}: this build has no precision switch (PipelineConfig.'
-                               'precision); it runs fp32 only')
-        return None
-    if requested is None:
-        return precision.default
-    choices = precision.metadata.get('choices')
-    if choices and requested not in choices:
-        raise _bench_error(f'--precision {requested}: choose from {list(choices)}')
-    return requested
 
 
 def run_bench_command(args: Any) -> int:
@@ -1040,7 +1011,11 @@ def run_bench_command(args: Any) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise _bench_error(f'--device: {exc}') from None
-    precision = _chosen_precision(args.precision)
+    precision = args.precision or PipelineConfig().precision
+    try:
+        check_precision(precision, device)
+    except ValueError as exc:
+        raise _bench_error(f'--precision: {exc}') from None
     if args.quick and (args.lsm_checkpoint or args.dust3r_checkpoint or args.lseg_checkpoint):
         raise _bench_error('--quick runs the tiny random model: leave out the checkpoint files')
     if args.threads is not None:
@@ -1061,7 +1036,8 @@ def run_bench_command(args: Any) -> int:
     report: dict[str, Any] = dict(
         mode='ros' if args.ros else 'stages', model='tiny (LsmConfig.tiny(), random weights)' if args.quick else
         'full size', weights=reconstructor.weights, trained_weights=reconstructor.trained_weights,
-        precision=precision or 'fp32', threads=torch.get_num_threads(), machine=machine_description(device))
+        precision=precision, network_precisions=dict(reconstructor.precisions), threads=torch.get_num_threads(),
+        machine=machine_description(device))
     if args.ros:
         reconstructor.config = replace(reconstructor.config, resolution=sizes[0].resolution)
         report.update(size=str(sizes[0]), ros=run_ros_bench(reconstructor, rate_hz=args.rate,
@@ -1088,10 +1064,11 @@ def format_heading(report: Mapping[str, Any]) -> str:
     """Markdown lines saying what was measured, on what."""
     machine = report['machine']
     lines = [f'**lsm-ros bench ({report["mode"]})**: {report["model"]} LSM, weights {report["weights"]}'
-             f'{"" if report["trained_weights"] else " (UNTRAINED)"}; precision {report["precision"]}',
-             f'machine: {machine["cpu"]} ({" ".join(machine["cpu_flags"]) or "no AVX2, AVX-512 or AMX"}), {machine["cpu_cores"]} '
-             f'cores, torch {machine["torch"]}, '
-             f'{report["threads"]} threads, device {machine["device"]}'
+             f'{"" if report["trained_weights"] else " (UNTRAINED)"}; precision {report["precision"]} ('
+             + ', '.join(f'{network} {value}' for network, value in report['network_precisions'].items()) + ')',
+             f'machine: {machine["cpu"]} ({" ".join(machine["cpu_flags"]) or "no AVX2, AVX-512 or AMX"}), '
+             f'{machine["cpu_cores"]} cores, torch {machine["torch"]}, {report["threads"]} threads, device '
+             f'{machine["device"]}'
              f'{" (" + machine["accelerator"] + ")" if machine["accelerator"] else ""}, load average '
              f'{machine["load_average"][0]} before / {machine["load_average_after"][0]} after']
     if report['mode'] == 'stages':

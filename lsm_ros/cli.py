@@ -653,6 +653,7 @@ def probability(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from lsm_ros.camera_path import PATH_MODES
+    from lsm_ros.config import PRECISIONS
     parser = argparse.ArgumentParser(prog='lsm-ros', description='Large Spatial Model for ROS 2')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -739,9 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
                             'parity reference pair), demo (shared/data/lsm_demo_pairs), synthetic (ray-cast room); '
                             'cropped and resized to each size')
     bench.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
-    bench.add_argument('--precision', default=None,
-                       help="the pipeline's precision (PipelineConfig.precision, when this build has it; default "
-                            'its default, fp32 otherwise)')
+    bench.add_argument('--precision', default=None, choices=PRECISIONS,
+                       help="the pipeline's precision (PipelineConfig.precision; default fp32, exact)")
     bench.add_argument('--threads', type=positive_int, default=None,
                        help='torch CPU threads (default: torch\'s own choice)')
     bench.add_argument('--rate', type=positive_float, default=30.0, help='--ros: pairs published per second '
