@@ -9,12 +9,14 @@ from __future__ import annotations
 import array
 import sys
 
+import cv2
+
 import numpy as np
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Pose, PoseStamped, Quaternion, Transform, TransformStamped, Vector3
 from geometry_msgs.msg import Point as PointMsg
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import CameraInfo, Image, PointField, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointField, PointCloud2
 from std_msgs.msg import Header
 
 # 8-bit colour encodings accepted from cameras: name -> (channels, indices of R, G, B in a pixel).
@@ -108,6 +110,70 @@ def image_to_numpy(msg: Image) -> np.ndarray:
                                    f'expected step * height = {step} * {height} = {step * height}')
     pixels = data.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
     return np.ascontiguousarray(pixels[:, :, list(rgb_index)])
+
+
+# Largest compressed payload decoded (bytes) and decoded image (pixels): a corrupt or hostile message cannot
+# make the decoder allocate without bound.
+MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
+MAX_DECODED_PIXELS = 8192 * 8192
+COMPRESSED_CODECS = ('jpeg', 'png')
+
+
+def compressed_image_to_numpy(msg: CompressedImage) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG or PNG, as image_transport's ``compressed`` plugin publishes) ->
+    (H, W, 3) uint8 RGB, a new array.
+
+    ``format`` is either a bare codec (``jpeg``, ``png``) or image_transport's ``"<encoding>; <codec> compressed
+    [<encoding>]"``; colour payloads are decoded by OpenCV in its BGR order and returned as RGB, grey ones are
+    replicated into three channels, alpha is dropped. ``compressedDepth`` and other codecs are refused. Raises
+    :class:`ImageConversionError` for an unknown format, empty/oversized/corrupt data.
+    """
+    text = str(msg.format).strip().lower()
+    if 'compresseddepth' in text.replace(' ', ''):
+        raise ImageConversionError(f'compressed depth images ({msg.format!r}) are not camera images')
+    codec = next((c for c in COMPRESSED_CODECS if c in text or (c == 'jpeg' and 'jpg' in text)), None)
+    if codec is None:
+        raise ImageConversionError(f'unsupported compressed image format {msg.format!r}: use '
+                                   f'{" or ".join(COMPRESSED_CODECS)} (image_transport compressed)')
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size == 0:
+        raise ImageConversionError(f'empty {codec} image (no data)')
+    if data.size > MAX_COMPRESSED_BYTES:
+        raise ImageConversionError(f'{codec} image of {data.size} bytes exceeds {MAX_COMPRESSED_BYTES} bytes')
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageConversionError(f'corrupt {codec} image: {exc}') from exc
+    if decoded is None or decoded.size == 0:
+        raise ImageConversionError(f'corrupt {codec} image: OpenCV could not decode {data.size} bytes')
+    if decoded.shape[0] * decoded.shape[1] > MAX_DECODED_PIXELS:
+        raise ImageConversionError(f'{codec} image {decoded.shape[1]}x{decoded.shape[0]} exceeds '
+                                   f'{MAX_DECODED_PIXELS} pixels')
+    if decoded.dtype != np.uint8:  # 16-bit PNG: keep the high byte, as an 8-bit camera image
+        if decoded.dtype != np.uint16:
+            raise ImageConversionError(f'{codec} image of {decoded.dtype} samples: expected 8 or 16 bits')
+        decoded = (decoded >> 8).astype(np.uint8)
+    if decoded.ndim == 2:
+        return np.ascontiguousarray(np.repeat(decoded[:, :, None], 3, axis=2))
+    if decoded.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(decoded, 3, axis=2))
+    return np.ascontiguousarray(decoded[:, :, 2::-1])  # BGR(A) -> RGB
+
+
+def rgb_to_compressed_image_msg(rgb: np.ndarray, header: Header, codec: str = 'jpeg',
+                                quality: int = 95) -> CompressedImage:
+    """(H, W, 3) uint8 RGB -> sensor_msgs/CompressedImage in image_transport's format (``rgb8; jpeg compressed
+    bgr8``); for test publishers and bag tools."""
+    if codec not in COMPRESSED_CODECS:
+        raise ValueError(f'codec must be one of {COMPRESSED_CODECS}, got {codec!r}')
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if codec == 'jpeg' else []
+    ok, encoded = cv2.imencode('.jpg' if codec == 'jpeg' else '.png',
+                               np.ascontiguousarray(rgb[:, :, ::-1]), params)
+    if not ok:
+        raise ValueError(f'OpenCV could not encode a {rgb.shape} image as {codec}')
+    msg = CompressedImage(header=header, format=f'rgb8; {codec} compressed bgr8')
+    msg.data = byte_array(encoded)
+    return msg
 
 
 def _image_msg(pixels: np.ndarray, encoding: str, header: Header) -> Image:
