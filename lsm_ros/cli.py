@@ -11,19 +11,24 @@
     lsm-ros bench [--quick] [--resolutions 224 256 512x384] [--pairs N] [--warmup N] [--device D] [--threads N]
                   [--precision P] [--json PATH]                    # per-stage times, pairs/s, peak memory
     lsm-ros bench --ros [--rate 30] [--duration S] ...             # lsm_node on loopback: latency, drops
+    lsm-ros weights fetch [--dir DIR] [--only dust3r|lseg|lsm ...] [--timeout S] [--base-url URL] [--force]
+    lsm-ros weights check [--dir DIR] [--only ...] [--no-hash]     # present, size, SHA-256, loads (exit 1 on failure)
+    lsm-ros weights convert [--dust3r F] [--lseg F] [--lsm F] --out DIR   # safetensors, loadable without pickle
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
 _log = logging.getLogger('lsm_ros.cli')
+Number = TypeVar('Number', int, float)
 
 RECONSTRUCTION_NPZ = 'reconstruction.npz'
 CAMERAS_JSON = 'cameras.json'
@@ -44,9 +49,11 @@ def add_weights_arguments(parser: argparse.ArgumentParser, *, inference: bool = 
     from lsm_ros.config import RESOLUTIONS, PipelineConfig
     group = parser.add_argument_group('model')
     group.add_argument('--dust3r-checkpoint', metavar='FILE', default='',
-                       help='official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth')
-    group.add_argument('--lseg-checkpoint', metavar='FILE', default='', help='official LSeg demo_e200.ckpt')
-    group.add_argument('--lsm-checkpoint', metavar='FILE', default='', help='official LSM checkpoint-final.pth')
+                       help='official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (or its .safetensors conversion)')
+    group.add_argument('--lseg-checkpoint', metavar='FILE', default='',
+                       help='official LSeg demo_e200.ckpt (or its .safetensors conversion)')
+    group.add_argument('--lsm-checkpoint', metavar='FILE', default='',
+                       help='official LSM checkpoint-final.pth (or its .safetensors conversion)')
     group.add_argument('--reference-weights', action='store_true',
                        help='without official files: the deterministic reference weights of the parity tests '
                             '(real network size, UNTRAINED outputs)')
@@ -598,37 +605,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from lsm_ros.weights import default_weights_dir, fetch_weights
+    directory = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    outcomes = fetch_weights(directory, only=args.only, base_url=args.base_url, timeout=args.timeout,
+                             progress=not args.no_progress, force=args.force)
+    for outcome in outcomes:
+        if outcome.result is not None:
+            print(outcome.result.describe())
+        else:
+            print(f'lsm-ros: {outcome.error}', file=sys.stderr)
+    failed = [outcome.entry.filename for outcome in outcomes if not outcome.ok]
+    if failed:
+        print(f'lsm-ros: weights fetch: {len(failed)} of {len(outcomes)} file(s) not installed: {", ".join(failed)}',
+              file=sys.stderr)
+        return 1
+    print(f'all {len(outcomes)} file(s) in {directory}')
+    return 0
+
+
+def cmd_weights_check(args: argparse.Namespace) -> int:
+    from lsm_ros.weights import check_weights, default_weights_dir, format_check_table
+    directory = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    rows = check_weights(directory, only=args.only, hashes=not args.no_hash)
+    print(f'weights in {directory}:')
+    print(format_check_table(rows))
+    failed = [row.path.name for row in rows if not row.ok]
+    if failed:
+        print(f'lsm-ros: weights check failed for {", ".join(failed)}', file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_weights_convert(args: argparse.Namespace) -> int:
+    from lsm_ros.model.checkpoint import CheckpointError
+    from lsm_ros.weights import WeightsError, convert_weights
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
-    return value
+        results = convert_weights(args.out, dust3r=args.dust3r, lseg=args.lseg, lsm=args.lsm)
+    except (WeightsError, CheckpointError, OSError) as exc:
+        raise SystemExit(f'lsm-ros: weights convert: {exc}') from exc
+    for result in results:
+        print(result.describe())
+    return 0
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{value} is negative')
-    return value
+def bounded_number(convert: Callable[[str], Number], *, minimum: float, maximum: float = math.inf,
+                   exclusive_minimum: bool = False, exclusive_maximum: bool = False, not_a_number: str,
+                   out_of_range: str, name: str, doc: str) -> Callable[[str], Number]:
+    """An argparse type: ``convert(text)`` (ValueError -> "'<text>' is not <not_a_number>"), then a range check
+    (failure -> ``out_of_range`` formatted with ``text`` and ``value``). NaN is out of every range."""
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {not_a_number}') from None
+        above = value > minimum if exclusive_minimum else value >= minimum
+        below = value < maximum if exclusive_maximum else value <= maximum
+        if not (above and below):
+            raise argparse.ArgumentTypeError(out_of_range.format(text=text, value=value))
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not 0.0 < value < float('inf'):
-        raise argparse.ArgumentTypeError(f'{text} is not a positive number')
-    return value
+positive_int = bounded_number(int, minimum=1, not_a_number='an integer', out_of_range='{value} is not a positive '
+                              'integer', name='positive_int', doc='argparse type: an integer >= 1.')
+non_negative_int = bounded_number(int, minimum=0, not_a_number='an integer', out_of_range='{value} is negative',
+                                  name='non_negative_int', doc='argparse type: an integer >= 0.')
+positive_float = bounded_number(float, minimum=0.0, exclusive_minimum=True, exclusive_maximum=True,
+                                not_a_number='a number', out_of_range='{text} is not a positive number',
+                                name='positive_float', doc='argparse type: a finite number > 0.')
+probability = bounded_number(float, minimum=0.0, maximum=1.0, not_a_number='a number',
+                             out_of_range='{text} is not a probability in [0, 1]', name='probability',
+                             doc='argparse type: a number in [0, 1].')
 
 
 def model_size(text: str):
@@ -638,17 +689,6 @@ def model_size(text: str):
         return parse_model_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def probability(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f'{text} is not a probability in [0, 1]')
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -760,7 +800,63 @@ def build_parser() -> argparse.ArgumentParser:
                        help='official LSM checkpoint-final.pth: time the trained model instead of the reference '
                             'weights')
     bench.set_defaults(func=cmd_bench)
+    add_weights_commands(sub)
     return parser
+
+
+def add_weights_commands(sub: argparse._SubParsersAction) -> None:
+    """``lsm-ros weights fetch|check|convert``."""
+    from lsm_ros.weights import DEFAULT_TIMEOUT_S, WEIGHT_KEYS, WEIGHTS_ENV
+    weights = sub.add_parser('weights', help='download, verify and convert the official weight files',
+                             description='The three official files: DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth, '
+                                         'demo_e200.ckpt (LSeg) and checkpoint-final.pth (LSM).')
+    commands = weights.add_subparsers(dest='weights_command', required=True)
+    folder_help = f'weights folder (default ${WEIGHTS_ENV}, else ~/.cache/lsm_ros/weights)'
+    only_help = 'only this file (repeatable; default all three)'
+
+    fetch = commands.add_parser(
+        'fetch', help='download the official files (resumable, verified)',
+        description='Download the official files from their published addresses into --dir, with a progress bar. '
+                    'An interrupted download is resumed by running the command again (HTTP Range on <name>.part; '
+                    'from zero when the server cannot resume). Each file is checked against its published size '
+                    'and SHA-256 (or the ones the server announces) and installed under its name only then '
+                    '(atomic rename); a file that cannot be verified says so and prints its SHA-256. LSeg\'s '
+                    'demo_e200.ckpt is published on Google Drive only: the command says how to get it by hand. '
+                    'Exit status 1 when any file was not installed.')
+    fetch.add_argument('--dir', default='', metavar='DIR', help=folder_help)
+    fetch.add_argument('--only', action='append', choices=WEIGHT_KEYS, help=only_help)
+    fetch.add_argument('--timeout', type=positive_float, default=DEFAULT_TIMEOUT_S, metavar='SECONDS',
+                       help=f'give up when the server sends nothing for this long (default {DEFAULT_TIMEOUT_S:g})')
+    fetch.add_argument('--base-url', default=None, metavar='URL',
+                       help='download every file from URL/<file name> (a mirror) instead of its published address')
+    fetch.add_argument('--force', action='store_true',
+                       help='download again files that are already there (replaced only once verified)')
+    fetch.add_argument('--no-progress', action='store_true', help='no progress bar')
+    fetch.set_defaults(func=cmd_weights_fetch)
+
+    check = commands.add_parser(
+        'check', help='verify the files in a folder (size, SHA-256, loads as the right checkpoint)',
+        description='For each official file in --dir (and its .safetensors conversion, if any): present, size and '
+                    'SHA-256 against the published ones (when published; else the SHA-256 of the local copy is '
+                    'printed to compare), and that it loads safely as the right kind of checkpoint (memory-mapped: '
+                    'the weights are not read). Exit status 1 when a file is missing or a check fails.')
+    check.add_argument('--dir', default='', metavar='DIR', help=folder_help)
+    check.add_argument('--only', action='append', choices=WEIGHT_KEYS, help=only_help)
+    check.add_argument('--no-hash', action='store_true',
+                       help='skip the SHA-256 (which reads every byte); size and loading are still checked')
+    check.set_defaults(func=cmd_weights_check)
+
+    convert = commands.add_parser(
+        'convert', help='convert official files to safetensors (loadable without pickle)',
+        description='Write <stem>.safetensors into --out for each file given: the state dict\'s tensors unchanged '
+                    'and, as JSON metadata, the configuration the loaders need. Every --*-checkpoint option and '
+                    'the node parameters accept these files in place of the official ones, with identical outputs. '
+                    'An LSM file converted together with DUSt3R/LSeg names their conversions.')
+    convert.add_argument('--dust3r', metavar='FILE', help='DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth')
+    convert.add_argument('--lseg', metavar='FILE', help='demo_e200.ckpt')
+    convert.add_argument('--lsm', metavar='FILE', help='checkpoint-final.pth')
+    convert.add_argument('--out', required=True, metavar='DIR', help='output folder (created)')
+    convert.set_defaults(func=cmd_weights_convert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,22 +1,31 @@
 """Safe loading of checkpoint files, and of official DUSt3R checkpoints
 (``DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth``) into :class:`Dust3rNet`.
 
-Safety rules: checkpoint files are read with ``torch.load(weights_only=True)`` and an allow-list of one extra
-global (``argparse.Namespace``) plus an inert stand-in for training-framework metadata; model constructor strings
-(``args.model``) are parsed with :mod:`ast` and only literals are accepted. Nothing from a checkpoint is ever
-executed.
+Safety rules: pickle checkpoint files are read with ``torch.load(weights_only=True)`` and an allow-list of one
+extra global (``argparse.Namespace``) plus an inert stand-in for training-framework metadata; model constructor
+strings (``args.model``) are parsed with :mod:`ast` and only literals are accepted. Nothing from a checkpoint is
+ever executed.
 
 Official file layout: ``{'args': Namespace(model="AsymmetricCroCo3DStereo(...)"), 'model': state_dict}``.
+
+``.safetensors`` files (written by ``lsm-ros weights convert``, see :func:`checkpoint_to_safetensors`) are read
+without pickle: a JSON header, raw tensor bytes, and in the header's metadata the kind of checkpoint
+(:data:`KIND_KEY`) and its non-tensor part as JSON (:data:`EXTRA_KEY`: the DUSt3R/LSM ``args``, LSeg's
+hyper-parameters). :func:`load_checkpoint_file` detects them by content and returns the official layout, so every
+loader accepts them unchanged. A safetensors file without our metadata loads as a plain state dict.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
 import math
 import os
 import pickle
 import re
+import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +62,9 @@ def _refused_global(error: Exception) -> str | None:
 
 def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu',
                          mmap: bool = False) -> Any:
-    """Read a ``torch.save`` file without executing code: ``weights_only=True`` plus ``argparse.Namespace``.
+    """Read a ``torch.save`` file without executing code: ``weights_only=True`` plus ``argparse.Namespace``;
+    a ``.safetensors`` file (detected by content) is read without pickle, in the official layout
+    (:func:`load_safetensors_checkpoint`).
 
     Dict-like objects of training frameworks (:data:`TRAINING_METADATA_MODULES`, e.g. Lightning's
     hyper-parameter dicts) are read as plain dicts. ``mmap``: map the tensors' storage instead of reading it
@@ -63,6 +74,11 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint file not found: {path}')
+    if is_safetensors_file(path):
+        return load_safetensors_checkpoint(path, map_location, mmap)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        raise CheckpointError(f'{path} has the {SAFETENSORS_SUFFIX} extension but is not a safetensors file '
+                              '(bad header)')
     allowed: list[Any] = list(ALLOWED_GLOBALS)
     for _ in range(_MAX_STAND_INS):
         try:
@@ -91,6 +107,252 @@ def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any
             if 'mmap' not in str(err):  # only the legacy (non-zip) format cannot be mapped
                 raise
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ safetensors
+SAFETENSORS_SUFFIX = '.safetensors'
+FORMAT_KEY = 'lsm_ros.format'        # metadata keys of the files lsm-ros writes
+FORMAT_VERSION = 'lsm_ros-checkpoint/1'
+KIND_KEY = 'lsm_ros.kind'            # 'dust3r', 'lseg' or 'lsm'
+EXTRA_KEY = 'lsm_ros.checkpoint'     # JSON: the official checkpoint's non-tensor part that the loaders read
+SOURCE_KEY = 'lsm_ros.source'        # file name of the converted checkpoint
+CHECKPOINT_KINDS = ('dust3r', 'lseg', 'lsm')
+# the entry of the official checkpoint that holds the state dict, per kind
+STATE_DICT_ENTRY = {'dust3r': 'model', 'lseg': 'state_dict', 'lsm': 'model'}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+    'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+    'BOOL': torch.bool}
+for _name, _attr in (('U16', 'uint16'), ('U32', 'uint32'), ('U64', 'uint64'), ('F8_E4M3', 'float8_e4m3fn'),
+                     ('F8_E5M2', 'float8_e5m2')):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts like a safetensors file: an 8-byte little-endian header length that fits the
+    file, then a JSON object. (Zip-format and legacy ``torch.save`` files never do.)"""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    header_bytes = struct.unpack('<Q', head[:8])[0]
+    return 2 <= header_bytes <= min(size - 8, _MAX_HEADER_BYTES) and head[8:9] == b'{'
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(tensor entries {name: {'dtype', 'shape', 'data_offsets'}}, metadata, byte offset of the data) of a
+    safetensors file, validated: known dtypes, non-negative shapes whose byte size matches the offsets, and
+    non-overlapping ranges inside the file. Raises CheckpointError otherwise. Reads only the header."""
+    path = Path(path)
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f'{path}: too short for a safetensors file')
+        header_bytes = struct.unpack('<Q', head)[0]
+        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(f'{path}: safetensors header length {header_bytes} does not fit the file')
+        raw = f.read(header_bytes)
+    try:
+        header = json.loads(raw.decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f'{path}: safetensors header is not valid JSON ({err})') from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f'{path}: safetensors header is not a JSON object')
+    metadata = header.pop('__metadata__', None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in metadata.items())):
+        raise CheckpointError(f'{path}: safetensors __metadata__ must map strings to strings')
+    data_start = 8 + header_bytes
+    data_size = size - data_start
+    ranges = []
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise CheckpointError(f'{path}: safetensors entry {name!r}: {problem}')
+        ranges.append((*entry['data_offsets'], name))
+    ranges.sort()
+    for (_, end, name), (begin, _, following) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise CheckpointError(f'{path}: safetensors entries {name!r} and {following!r} overlap')
+    return header, metadata, data_start
+
+
+def _entry_problem(entry: Any, data_size: int) -> str | None:
+    if not isinstance(entry, dict) or set(entry) != {'dtype', 'shape', 'data_offsets'}:
+        return 'expected exactly dtype, shape and data_offsets'
+    dtype, shape, offsets = entry['dtype'], entry['shape'], entry['data_offsets']
+    if dtype not in _SAFETENSORS_DTYPES:
+        return f'unsupported dtype {dtype!r}'
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f'bad shape {shape!r}'
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        return f'data_offsets {offsets!r} outside the {data_size} data bytes'
+    expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        return f'{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} ({expected} expected)'
+    return None
+
+
+def load_safetensors_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu',
+                          mmap: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, without pickle. ``mmap``: the tensors are views of a private
+    (copy-on-write) memory map of the file, read from disk only where used; else they are copied into memory.
+    Raises CheckpointError for a malformed file."""
+    path = Path(path)
+    header, metadata, data_start = read_safetensors_header(path)
+    size = path.stat().st_size
+    flat = torch.empty(0, dtype=torch.uint8)
+    if size:
+        flat = flat.set_(torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size))
+    tensors: dict[str, Tensor] = {}
+    for name, entry in header.items():
+        begin, end = (data_start + offset for offset in entry['data_offsets'])
+        dtype = _SAFETENSORS_DTYPES[entry['dtype']]
+        raw = flat[begin:end]
+        if begin % dtype.itemsize:  # not aligned for a zero-copy view: copy this tensor
+            raw = raw.clone()
+        tensor = raw.view(dtype).reshape(entry['shape'])
+        if not mmap:
+            tensor = tensor.clone()
+        tensors[name] = tensor if torch.device(map_location).type == 'cpu' else tensor.to(map_location)
+    return tensors, metadata
+
+
+def save_safetensors_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
+                          metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` (a flat name -> dense tensor dict) and string ``metadata`` as a safetensors file,
+    streaming one tensor at a time (no second copy of the whole file in memory). Entries are ordered by element
+    size, largest first, so every tensor starts at a multiple of its element size (zero-copy memory mapping).
+    The file appears atomically (written next to ``path``, then renamed)."""
+    path = Path(path)
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor) or tensor.layout != torch.strided:
+            raise CheckpointError(f'{name!r}: only dense tensors under string names can be written')
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f'{name!r}: dtype {tensor.dtype} has no safetensors equivalent')
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = {'dtype': _DTYPE_NAMES[tensor.dtype], 'shape': list(tensor.shape),
+                         'data_offsets': [offset, offset + nbytes]}
+        offset += nbytes
+    header: dict[str, Any] = {}
+    if metadata:
+        header['__metadata__'] = dict(metadata)
+    header.update(entries)
+    encoded = json.dumps(header, separators=(',', ':')).encode('utf-8')
+    encoded += b' ' * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(handle, 'wb') as f:
+            f.write(struct.pack('<Q', len(encoded)))
+            f.write(encoded)
+            for name in order:
+                tensor = tensors[name].detach().to('cpu').contiguous()
+                if tensor.numel():
+                    f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_safetensors_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu',
+                                mmap: bool = False) -> dict[str, Any]:
+    """A safetensors file in the layout of the official checkpoint it was converted from (by its
+    :data:`KIND_KEY`): DUSt3R and LSM ``{'args': {...}, 'model': tensors}``, LSeg ``{'state_dict': tensors,
+    'hyper_parameters': {...}}``; a file without our metadata: the plain tensor dict."""
+    tensors, metadata = load_safetensors_file(path, map_location, mmap)
+    kind = metadata.get(KIND_KEY)
+    if kind is None:
+        return tensors
+    if kind not in CHECKPOINT_KINDS:
+        raise CheckpointError(f'{path}: unknown {KIND_KEY} {kind!r}; expected one of {CHECKPOINT_KINDS}')
+    try:
+        extra = json.loads(metadata.get(EXTRA_KEY, '{}'))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f'{path}: metadata {EXTRA_KEY} is not valid JSON ({err})') from None
+    if not isinstance(extra, dict) or STATE_DICT_ENTRY[kind] in extra:
+        raise CheckpointError(f'{path}: metadata {EXTRA_KEY} must be a JSON object without '
+                              f'{STATE_DICT_ENTRY[kind]!r}')
+    return {**extra, STATE_DICT_ENTRY[kind]: tensors}
+
+
+def checkpoint_kind(checkpoint: Any) -> str | None:
+    """'dust3r', 'lseg' or 'lsm' by the structure of a loaded official checkpoint (the class its ``args.model``
+    builds, or a Lightning ``state_dict``), None when it is none of them. Evaluates nothing: a constructor string
+    that is not literal-only raises CheckpointError (:func:`parse_constructor_string`)."""
+    if not isinstance(checkpoint, Mapping):
+        return None
+    args = checkpoint.get('args')
+    text = args.get('model') if isinstance(args, Mapping) else getattr(args, 'model', None)
+    if isinstance(text, str):
+        return {CLASS_NAME: 'dust3r', 'LSM_Dust3R': 'lsm'}.get(parse_constructor_string(text)[0])
+    if isinstance(checkpoint.get('state_dict'), Mapping):
+        return 'lseg'
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON data of checkpoint metadata: Namespaces and mappings become objects (keys as str), tuples and
+    lists arrays; numbers (inf and nan included), strings, bools and None stay; anything else becomes its str()."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def checkpoint_to_safetensors(checkpoint: Mapping[str, Any], kind: str, source: str = '',
+                              args_model: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of an official checkpoint for :func:`save_safetensors_file`: the state dict's tensors
+    as they are (names, dtypes, values), and as JSON metadata what the loaders read besides them: ``args`` of a
+    DUSt3R or LSM file (``args_model`` replaces its constructor string), LSeg's ``hyper_parameters``. Training
+    state (optimizer, epoch, ...) is not kept. Raises CheckpointError when the checkpoint is not of ``kind``."""
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f'kind must be one of {CHECKPOINT_KINDS}, got {kind!r}')
+    found = checkpoint_kind(checkpoint)
+    if found != kind:
+        what = f'a {found} checkpoint' if found else f'none of {", ".join(CHECKPOINT_KINDS)}'
+        raise CheckpointError(f'{source or "the checkpoint"} is {what}, expected a {kind} checkpoint')
+    state = checkpoint[STATE_DICT_ENTRY[kind]]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f'{source or "checkpoint"}: no state dict under {STATE_DICT_ENTRY[kind]!r}')
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f'{source or "checkpoint"}: state dict entries that are not tensors: '
+                              f'{_examples(not_tensors)}')
+    if kind == 'lseg':
+        extra = {'hyper_parameters': _json_safe(checkpoint.get('hyper_parameters') or {})}
+    else:
+        args = checkpoint['args']
+        extra = {'args': _json_safe(args if isinstance(args, Mapping) else vars(args))}
+        if args_model is not None:
+            extra['args']['model'] = args_model
+    metadata = {'format': 'pt', FORMAT_KEY: FORMAT_VERSION, KIND_KEY: kind, EXTRA_KEY: json.dumps(extra)}
+    if source:
+        metadata[SOURCE_KEY] = source
+    return dict(state), metadata
 
 
 # ------------------------------------------------------------------------------------------------ constructor strings

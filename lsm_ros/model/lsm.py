@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, load_checkpoint_file, load_dust3r_checkpoint, parse_constructor_string,
-                         state_dict_problems)
+from .checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint_file, load_dust3r_checkpoint,
+                         parse_constructor_string, state_dict_problems)
 from .clip_text import ClipTextConfig, ClipTextEncoder
 from .dust3r import Dust3rConfig, Dust3rNet
 from .gaussian_head import GaussianHead, GaussianHeadConfig, knn_mean_squared_distance
@@ -258,9 +258,11 @@ class LargeSpatialModel(nn.Module):
         ``lsm``: checkpoint-final.pth (its ``dust3r*``/``lseg_feature_extractor*`` entries are ignored: those
         parts come from the DUSt3R file DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth and the LSeg file demo_e200.ckpt).
         When ``dust3r`` or ``lseg`` is None, the file named in the LSM file's config is used: as given, else
-        next to the LSM file. Each argument may also be an already loaded checkpoint dict. ``config``: the network
-        shapes when they are not the released ones (small test models; the files then must match it). Raises
-        CheckpointError with the file and the offending keys for anything missing or mismatched.
+        next to the LSM file (or its ``.safetensors`` conversion there). Each file may also be the
+        ``.safetensors`` conversion of the official one (``lsm-ros weights convert``), and each argument an already
+        loaded checkpoint dict. ``config``: the network shapes when they are not the released ones (small test
+        models; the files then must match it). Raises CheckpointError with the file and the offending keys for
+        anything missing or mismatched.
         """
         if lsm is None:
             raise CheckpointError('no LSM checkpoint given: pass lsm=checkpoint-final.pth')
@@ -330,14 +332,16 @@ def lsm_config_from_checkpoint(checkpoint: Any, path: Path | None) -> dict[str, 
 
 def companion_checkpoint_path(config: Mapping[str, Any], section: str, lsm_path: Path | None, what: str) -> Path:
     """The DUSt3R/LSeg file an LSM config names (``{section}.pretrained_model_name_or_path``): the path as given
-    (absolute or relative to the working directory), else the same file name next to the LSM file."""
+    (absolute or relative to the working directory), else the same file name next to the LSM file, else its
+    ``.safetensors`` conversion (``lsm-ros weights convert``) next to the LSM file."""
     named = (config.get(section) or {}).get('pretrained_model_name_or_path')
     if not isinstance(named, str) or not named:
         raise CheckpointError(f'the LSM config names no {section}.pretrained_model_name_or_path: pass the {what} '
                               'file explicitly')
     candidates = [Path(named)]
     if lsm_path is not None:
-        candidates.append(lsm_path.resolve().parent / Path(named).name)
+        beside = lsm_path.resolve().parent / Path(named).name
+        candidates += [beside, beside.with_suffix(SAFETENSORS_SUFFIX)]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
