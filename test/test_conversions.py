@@ -225,3 +225,17 @@ def test_stamps() -> None:
     assert conv.stamp_to_seconds(stamp) == pytest.approx(1403715273.262143)
     header = conv.make_header(stamp, 'x')
     assert header.stamp == stamp and header.stamp is not stamp
+
+
+@pytest.mark.parametrize('make', [
+    lambda: conv.mono_to_image_msg(np.zeros((1, 10), np.uint8)[:, :5], HEADER),
+    lambda: conv.mono_to_image_msg(np.ascontiguousarray(np.zeros((1, 1, 3), np.uint8)[:, :, 1]), HEADER),
+    lambda: conv.rgb_to_image_msg(np.zeros((1, 8, 3), np.uint8)[:, :4], HEADER),
+    lambda: conv.depth_to_image_msg(np.zeros((1, 6), np.float32)[:, 1:4], HEADER),
+])
+def test_one_row_views_get_the_step_of_their_width(make) -> None:
+    """Regression (found by fuzzing): step came from strides[0], which numpy leaves at the parent's row size for a
+    one-row view, so the message said step 10 with 5 bytes of data."""
+    msg = make()
+    assert msg.step * msg.height == len(msg.data)
+    assert msg.step == msg.width * {'mono8': 1, 'rgb8': 3, '32FC1': 4}[msg.encoding]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import sys
+from typing import Any
 
 import cv2
 
@@ -88,17 +89,17 @@ def image_to_numpy(msg: Image) -> np.ndarray:
 
     Mono images are replicated into the three channels (the model takes RGB); alpha is dropped. Row padding
     (``step`` > width * channels) is skipped. ``is_bigendian`` does not matter for 8-bit data.
-    Raises :class:`ImageConversionError` for other encodings, zero sizes and data inconsistent with
-    ``height * step``.
+    Raises :class:`ImageConversionError` for other encodings, zero or negative sizes and data inconsistent with
+    ``height * step`` (rclpy does not range-check fields set in-process, so negative sizes can occur).
     """
     encoding = msg.encoding
-    if encoding not in COLOR_ENCODINGS:
+    if not isinstance(encoding, str) or encoding not in COLOR_ENCODINGS:
         raise ImageConversionError(f'unsupported image encoding {encoding!r}: use one of '
                                    f'{list(SUPPORTED_IMAGE_ENCODINGS)}')
     channels, rgb_index = COLOR_ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if height == 0 or width == 0:
-        raise ImageConversionError(f'empty {encoding} image ({width}x{height})')
+    if height <= 0 or width <= 0 or step < 0:
+        raise ImageConversionError(f'empty or negative {encoding} image ({width}x{height}, step {step})')
     row_bytes = width * channels
     if step < row_bytes:
         raise ImageConversionError(f'{encoding} image {width}x{height}: step {step} is smaller than '
@@ -113,10 +114,70 @@ def image_to_numpy(msg: Image) -> np.ndarray:
 
 
 # Largest compressed payload decoded (bytes) and decoded image (pixels): a corrupt or hostile message cannot
-# make the decoder allocate without bound.
+# make the decoder allocate without bound (the size is read from the header before anything is decoded).
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
 MAX_DECODED_PIXELS = 8192 * 8192
 COMPRESSED_CODECS = ('jpeg', 'png')
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+JPEG_SIGNATURE = b'\xff\xd8\xff'
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coding).
+_JPEG_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _format_codec(image_format: str) -> str:
+    """The codec named by a CompressedImage ``format``; raises :class:`ImageConversionError`."""
+    text = str(image_format).strip().lower()
+    if 'compresseddepth' in text.replace(' ', ''):
+        raise ImageConversionError(f'compressed depth images ({image_format!r}) are not camera images')
+    codec = next((c for c in COMPRESSED_CODECS if c in text or (c == 'jpeg' and 'jpg' in text)), None)
+    if codec is None:
+        raise ImageConversionError(f'unsupported compressed image format {image_format!r}: use '
+                                   f'{" or ".join(COMPRESSED_CODECS)} (image_transport compressed)')
+    return codec
+
+
+def _jpeg_size(data: memoryview) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, walking the marker segments; nothing is decoded."""
+    position, size = 2, len(data)
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            raise ImageConversionError(f'corrupt jpeg image: no marker at byte {position}')
+        marker = data[position + 1]
+        if marker == 0xFF:                                    # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:          # markers without a segment
+            position += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):                      # SOI, EOI or scan data before any frame header
+            break
+        length = int.from_bytes(data[position + 2:position + 4], 'big')
+        if length < 2:
+            raise ImageConversionError(f'corrupt jpeg image: segment of length {length} at byte {position}')
+        if marker in _JPEG_SOF_MARKERS:
+            if position + 9 > size:
+                break
+            height = int.from_bytes(data[position + 5:position + 7], 'big')
+            width = int.from_bytes(data[position + 7:position + 9], 'big')
+            return width, height
+        position += 2 + length
+    raise ImageConversionError(f'corrupt or truncated jpeg image: no frame header in {size} bytes')
+
+
+def _compressed_payload_size(data: memoryview) -> tuple[str, int, int]:
+    """(codec, width, height) of a JPEG or PNG payload, from its header (no decoding)."""
+    if bytes(data[:8]) == PNG_SIGNATURE:
+        if len(data) < 24 or bytes(data[12:16]) != b'IHDR':
+            raise ImageConversionError(f'corrupt or truncated png image: no IHDR header in {len(data)} bytes')
+        return 'png', int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    if bytes(data[:3]) == JPEG_SIGNATURE:
+        # A complete JPEG ends with EOI (FF D9), possibly followed by zero padding; older OpenCV versions decode a
+        # truncated one into a partly grey image instead of failing.
+        if not bytes(data[-4096:]).rstrip(b'\x00').endswith(b'\xff\xd9'):
+            raise ImageConversionError(f'truncated jpeg image: no end-of-image marker in {len(data)} bytes')
+        return ('jpeg',) + _jpeg_size(data)
+    raise ImageConversionError(f'the data ({len(data)} bytes, starting {bytes(data[:8]).hex()}) is neither a jpeg '
+                               'nor a png image')
 
 
 def compressed_image_to_numpy(msg: CompressedImage) -> np.ndarray:
@@ -124,22 +185,23 @@ def compressed_image_to_numpy(msg: CompressedImage) -> np.ndarray:
     (H, W, 3) uint8 RGB, a new array.
 
     ``format`` is either a bare codec (``jpeg``, ``png``) or image_transport's ``"<encoding>; <codec> compressed
-    [<encoding>]"``; colour payloads are decoded by OpenCV in its BGR order and returned as RGB, grey ones are
-    replicated into three channels, alpha is dropped. ``compressedDepth`` and other codecs are refused. Raises
-    :class:`ImageConversionError` for an unknown format, empty/oversized/corrupt data.
+    [<encoding>]"``; ``compressedDepth`` and other codecs are refused. The payload must be a JPEG or a PNG (told by
+    its signature, which wins over the codec named in ``format``); its size is read from the header and checked
+    against :data:`MAX_DECODED_PIXELS` before decoding. Colour payloads are decoded by OpenCV in its BGR order and
+    returned as RGB, grey ones are replicated into three channels, alpha is dropped, 16-bit samples keep their
+    high byte. Raises :class:`ImageConversionError` for an unknown format, empty/oversized/corrupt data.
     """
-    text = str(msg.format).strip().lower()
-    if 'compresseddepth' in text.replace(' ', ''):
-        raise ImageConversionError(f'compressed depth images ({msg.format!r}) are not camera images')
-    codec = next((c for c in COMPRESSED_CODECS if c in text or (c == 'jpeg' and 'jpg' in text)), None)
-    if codec is None:
-        raise ImageConversionError(f'unsupported compressed image format {msg.format!r}: use '
-                                   f'{" or ".join(COMPRESSED_CODECS)} (image_transport compressed)')
+    named_codec = _format_codec(msg.format)
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
-        raise ImageConversionError(f'empty {codec} image (no data)')
+        raise ImageConversionError(f'empty {named_codec} image (no data)')
     if data.size > MAX_COMPRESSED_BYTES:
-        raise ImageConversionError(f'{codec} image of {data.size} bytes exceeds {MAX_COMPRESSED_BYTES} bytes')
+        raise ImageConversionError(f'{named_codec} image of {data.size} bytes exceeds {MAX_COMPRESSED_BYTES} bytes')
+    codec, width, height = _compressed_payload_size(memoryview(data))
+    if width == 0 or height == 0:
+        raise ImageConversionError(f'corrupt {codec} image: its header gives the size {width}x{height}')
+    if width * height > MAX_DECODED_PIXELS:
+        raise ImageConversionError(f'{codec} image {width}x{height} exceeds {MAX_DECODED_PIXELS} pixels')
     try:
         decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -157,6 +219,8 @@ def compressed_image_to_numpy(msg: CompressedImage) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(decoded[:, :, None], 3, axis=2))
     if decoded.shape[2] == 1:
         return np.ascontiguousarray(np.repeat(decoded, 3, axis=2))
+    if decoded.shape[2] not in (3, 4):
+        raise ImageConversionError(f'{codec} image with {decoded.shape[2]} channels: expected 1, 3 or 4')
     return np.ascontiguousarray(decoded[:, :, 2::-1])  # BGR(A) -> RGB
 
 
@@ -179,10 +243,13 @@ def rgb_to_compressed_image_msg(rgb: np.ndarray, header: Header, codec: str = 'j
 def _image_msg(pixels: np.ndarray, encoding: str, header: Header) -> Image:
     pixels = np.ascontiguousarray(pixels)
     height, width = pixels.shape[:2]
+    # The row size from the shape, not strides[0]: numpy calls an array with one row contiguous whatever its row
+    # stride (a (1, 5) slice of a (1, 10) array keeps stride 10), which gave a step larger than the data.
+    step = int(np.prod(pixels.shape[1:], dtype=np.int64)) * pixels.itemsize
     msg = Image(header=header, height=height, width=width, encoding=encoding,
                 is_bigendian=int(pixels.dtype.byteorder == '>' or
                                  (pixels.dtype.byteorder == '=' and sys.byteorder == 'big')),
-                step=pixels.strides[0])
+                step=step)
     msg.data = byte_array(pixels)
     return msg
 
@@ -247,10 +314,36 @@ def depth_image_to_numpy(msg: Image) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ camera infos
+def _matrix(values: Any, rows: int, cols: int, name: str) -> np.ndarray:
+    """A CameraInfo matrix field -> (rows, cols) float64; raises :class:`CameraInfoError` for another size or
+    non-numbers (rclpy does not check array sizes of fields set in-process)."""
+    try:
+        array_ = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CameraInfoError(f'CameraInfo {name} is not numeric: {exc}') from exc
+    if array_.size != rows * cols:
+        raise CameraInfoError(f'CameraInfo {name} has {array_.size} values, expected {rows * cols}')
+    return array_.reshape(rows, cols)
+
+
+_PINHOLE_ZERO_TOLERANCE = 1e-9   # largest |value| taken as 0 (and |K[2,2] - 1| as 1) in a camera matrix
+
+
+def _is_pinhole(M: np.ndarray) -> bool:
+    """True for an upper-triangular camera matrix [fx, s, cx; 0, fy, cy; 0, 0, 1] with fx, fy > 0 (skew allowed)."""
+    return bool(M[0, 0] > 0 and M[1, 1] > 0 and abs(M[1, 0]) <= _PINHOLE_ZERO_TOLERANCE
+                and abs(M[2, 0]) <= _PINHOLE_ZERO_TOLERANCE and abs(M[2, 1]) <= _PINHOLE_ZERO_TOLERANCE
+                and abs(M[2, 2] - 1.0) <= _PINHOLE_ZERO_TOLERANCE)
+
+
 def camera_info_to_matrices(msg: CameraInfo) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """CameraInfo -> (K (3,3), P (3,4), width, height), float64; raises CameraInfoError when K is unusable."""
-    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
-    P = np.asarray(msg.p, dtype=np.float64).reshape(3, 4)
+    """CameraInfo -> (K (3,3), P (3,4), width, height), float64.
+
+    Raises :class:`CameraInfoError` when K is unusable (all zeros, non-finite, not [fx, s, cx; 0, fy, cy; 0, 0, 1]
+    with fx, fy > 0), P is non-finite, a matrix has the wrong size or the image size is not positive.
+    """
+    K = _matrix(msg.k, 3, 3, 'K')
+    P = _matrix(msg.p, 3, 4, 'P')
     width, height = int(msg.width), int(msg.height)
     if not np.any(K):
         raise CameraInfoError('CameraInfo K is all zeros (uncalibrated camera)')
@@ -258,6 +351,9 @@ def camera_info_to_matrices(msg: CameraInfo) -> tuple[np.ndarray, np.ndarray, in
         raise CameraInfoError('CameraInfo K or P holds non-finite values')
     if K[0, 0] <= 0 or K[1, 1] <= 0:
         raise CameraInfoError(f'CameraInfo K has non-positive focal lengths fx={K[0, 0]}, fy={K[1, 1]}')
+    if not _is_pinhole(K):
+        raise CameraInfoError(f'CameraInfo K is not a pinhole matrix [fx, s, cx, 0, fy, cy, 0, 0, 1]: '
+                              f'{K.ravel().tolist()}')
     if width <= 0 or height <= 0:
         raise CameraInfoError(f'CameraInfo has no image size ({width}x{height})')
     return K, P, width, height
@@ -267,21 +363,31 @@ def rectified_intrinsics(msg: CameraInfo) -> np.ndarray:
     """(3,3) intrinsics of the *rectified* image (``image_rect``): P[:3,:3] when P is set, else K.
 
     A stereo_image_proc pipeline publishes rectified images with the CameraInfo of the raw camera, whose
-    ``P`` is the projection of the rectified image; K describes the raw, distorted image.
+    ``P`` is the projection of the rectified image; K describes the raw, distorted image. A P that is set but
+    is no pinhole projection (non-positive focal lengths, a last row other than [0, 0, 1, *]) raises
+    :class:`CameraInfoError` rather than silently falling back to the raw K.
     """
     K, P, _, _ = camera_info_to_matrices(msg)
-    if np.any(P[:3, :3]) and P[0, 0] > 0 and P[1, 1] > 0:
-        return P[:3, :3].copy()
-    return K
+    if not np.any(P[:3, :3]):
+        return K
+    if not _is_pinhole(P[:3, :3]):
+        raise CameraInfoError(f'CameraInfo P is set but is not a rectified projection [fx, 0, cx, Tx, 0, fy, cy, Ty, '
+                              f'0, 0, 1, 0] with fx, fy > 0: {P.ravel().tolist()}')
+    return P[:3, :3].copy()
 
 
 def stereo_baseline_from_camera_info(right_info: CameraInfo) -> float | None:
-    """Stereo baseline B (metres) from the right camera's projection ``P[0,3] = -fx * B``; None when unknown."""
-    P = np.asarray(right_info.p, dtype=np.float64).reshape(3, 4)
+    """Stereo baseline B (metres) from the right camera's projection ``P[0,3] = -fx * B``; None when unknown
+    (P unset, malformed or non-finite, no positive finite baseline)."""
+    try:
+        P = _matrix(right_info.p, 3, 4, 'P')
+    except CameraInfoError:
+        return None
     if not np.isfinite(P).all() or P[0, 0] <= 0:
         return None
-    baseline = -P[0, 3] / P[0, 0]
-    return float(baseline) if baseline > 0 else None
+    with np.errstate(over='ignore', divide='ignore', invalid='ignore'):
+        baseline = -P[0, 3] / P[0, 0]
+    return float(baseline) if np.isfinite(baseline) and baseline > 0 else None
 
 
 def model_camera_info(K: np.ndarray, width: int, height: int, header: Header,
