@@ -18,6 +18,8 @@ RESOLUTIONS = (224, 256, 512)
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # Virtual views lsm_node can render after every reconstruction (parameter render_views).
 RENDER_VIEWS = ('left', 'right', 'midway')
+# How lsm_node receives its images (parameter image_transport): as image_transport's 'raw' or 'compressed'.
+IMAGE_TRANSPORTS = ('raw', 'compressed')
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 
 
@@ -134,8 +136,14 @@ class PipelineConfig:
 
 @dataclass
 class NodeConfig:
-    """Topics, synchronisation and publishing of ``lsm_node``."""
+    """Topics, synchronisation, publishing and life cycle of ``lsm_node``."""
 
+    image_transport: str = _param(
+        'raw', "How the images arrive, as image_transport names it: 'raw' subscribes sensor_msgs/Image on "
+        "left/image_rect and right/image_rect; 'compressed' subscribes sensor_msgs/CompressedImage (JPEG or PNG, as "
+        "image_transport's compressed plugin publishes it) on <base topic>/compressed, the base topic resolved with "
+        'its remapping (left/image_rect:=/cam/left/image_rect -> /cam/left/image_rect/compressed). Undecodable data '
+        'rejects the pair (bad_image_data).', choices=IMAGE_TRANSPORTS, read_only=True)
     approximate_sync: bool = _param(
         True, 'Pair left/right images whose stamps differ by at most sync_tolerance_s (false: equal stamps '
         'only, as from a hardware-synchronised stereo camera).')
@@ -183,6 +191,18 @@ class NodeConfig:
     log_throttle_s: float = _param(
         5.0, 'Repeated warnings about bad input are logged at most once per this many seconds.',
         min_value=0.0, max_value=3600.0)
+    managed: bool = _param(
+        False, 'Life cycle. false: lsm_node configures and activates itself at start-up. true: it starts '
+        'unconfigured and waits for lifecycle transitions (ros2 lifecycle set /lsm/lsm_node configure, then '
+        'activate; the launch file does both with managed:=true autostart:=true): configure loads the weights and '
+        'creates the topics and services, activate warms the model up and starts processing, deactivate stops '
+        'processing and frees accelerator memory (the last reconstruction is kept), cleanup releases everything.',
+        read_only=True)
+    torch_threads: int = _param(
+        0, 'Intra-op threads of torch (torch.set_num_threads), set when the node configures. 0: automatic, the CPU '
+        'cores minus one (at least 1), so that the ROS executor keeps a core: on a 2-core machine, 2 torch threads '
+        'starve the message handling and under a 30 Hz stream the first pair took 68 s, where 1 thread gave 13.3 s '
+        'per pair with no backlog (docs/performance.md).', min_value=0, max_value=1024, read_only=True)
 
 
 CONFIG_SECTIONS = (PipelineConfig, NodeConfig)

@@ -236,6 +236,7 @@ class Reconstructor:
         self.trained_weights = trained_weights
         self._render_lock = threading.Lock()
         self._render_cache: tuple[GaussianCloud, dict[str, torch.Tensor]] | None = None
+        self._offloaded = False
         if not trained_weights:
             _log.warning('UNTRAINED WEIGHTS (%s): outputs are not a real reconstruction. Pass the official '
                          'checkpoints for real results.', weights)
@@ -247,6 +248,36 @@ class Reconstructor:
     def semantic(self) -> bool:
         """True when the full LSM is loaded (Gaussians, labels and text queries available)."""
         return isinstance(self.network, LargeSpatialModel)
+
+    # ------------------------------------------------------------------------------------------ accelerator memory
+    @property
+    def offloaded(self) -> bool:
+        """True between :meth:`offload` (on CUDA) and :meth:`reload`: the network is on the CPU, not usable."""
+        return self._offloaded
+
+    def offload(self) -> bool:
+        """Free accelerator memory: on CUDA, move the network to the CPU, drop the cached render tensors and return
+        torch's cached CUDA blocks to the driver (True; call :meth:`reload` before the next reconstruct, query or
+        render). On the CPU there is nothing to free and the model stays usable (False)."""
+        if self.device.type != 'cuda':
+            return False
+        with self._render_lock:
+            self._render_cache = None
+        self.network.to('cpu')
+        self._offloaded = True
+        torch.cuda.empty_cache()
+        _log.info('network moved off %s (accelerator memory released)', self.device)
+        return True
+
+    def reload(self) -> None:
+        """Move an offloaded network back to its device (nothing to do otherwise)."""
+        if self._offloaded:
+            self.network.to(self.device)
+            self._offloaded = False
+
+    def _require_loaded(self) -> None:
+        if self._offloaded:
+            raise RuntimeError(f'the network is offloaded from {self.device} to free its memory: reload() first')
 
     # ------------------------------------------------------------------------------------------ builders
     @classmethod
@@ -332,6 +363,7 @@ class Reconstructor:
         view 1's focal comes from its point map (Weiszfeld) and view 2's from PnP (focal search + Weiszfeld).
         With the full LSM, the result also carries the semantic Gaussians (one per pixel of both views).
         """
+        self._require_loaded()
         cfg = self.config
         calibration = calibration or CameraCalibration()
         timings: dict[str, float] = {}
@@ -410,6 +442,7 @@ class Reconstructor:
                                'geometry only')
         if result.gaussians is None:
             raise RuntimeError('this reconstruction has no Gaussians (made by a geometry-only reconstructor)')
+        self._require_loaded()
         phrases = validate_phrases(phrases)
         views = tuple(int(v) for v in views)
         if not views or any(v not in (0, 1) for v in views) or len(set(views)) != len(views):
@@ -436,6 +469,7 @@ class Reconstructor:
         """
         if result.gaussians is None:
             raise RuntimeError('this reconstruction has no Gaussians (made by a geometry-only reconstructor)')
+        self._require_loaded()
         channels = tuple(channels)
         unknown = sorted(set(channels) - set(RENDER_CHANNELS))
         if unknown:

@@ -23,7 +23,8 @@ EXPECTED_ARGUMENTS = {
     'namespace': 'lsm', 'params_file': str(REPO / 'config' / 'lsm.yaml'), 'device': '', 'dust3r_checkpoint': '',
     'lseg_checkpoint': '', 'lsm_checkpoint': '', 'publish_tf': '', 'use_rviz': 'false',
     'left_image': '/stereo/left/image_rect', 'right_image': '/stereo/right/image_rect',
-    'left_info': '/stereo/left/camera_info', 'right_info': '/stereo/right/camera_info'}
+    'left_info': '/stereo/left/camera_info', 'right_info': '/stereo/right/camera_info', 'managed': 'false',
+    'autostart': 'true'}
 
 
 def _is_stubbed(module_name: str) -> bool:
@@ -57,14 +58,20 @@ def _describe(launch_file: ModuleType) -> tuple[dict[str, Any], list[Any]]:
     return arguments, functions
 
 
-def _nodes(launch_file: ModuleType, **values: str) -> list[Any]:
-    """The launched nodes for the argument defaults overridden by ``values``."""
+def _actions(launch_file: ModuleType, **values: str) -> list[Any]:
+    """The launched actions (nodes, event handlers, events) for the argument defaults overridden by ``values``."""
     from launch import LaunchContext
     arguments, functions = _describe(launch_file)
     unknown = set(values) - set(arguments)
     assert not unknown, f'not launch arguments: {unknown}'
     context = LaunchContext({name: values.get(name, arg.default_value) for name, arg in arguments.items()})
-    return [node for function in functions for node in function.execute(context)]
+    return [action for function in functions for action in function.execute(context)]
+
+
+def _nodes(launch_file: ModuleType, **values: str) -> list[Any]:
+    """The launched nodes (plain and lifecycle) for the argument defaults overridden by ``values``."""
+    from launch_ros.actions import Node
+    return [action for action in _actions(launch_file, **values) if isinstance(action, Node)]
 
 
 def test_declared_arguments(launch_file: ModuleType) -> None:
@@ -80,8 +87,10 @@ def test_lsm_node_defaults(launch_file: ModuleType) -> None:
     assert len(nodes) == 1                                     # no RViz by default
     node = nodes[0]
     assert (node.package, node.executable, node.name, node.namespace) == ('lsm_ros', 'lsm_node', NODE_NAME, 'lsm')
-    assert node.parameters == [str(REPO / 'config' / 'lsm.yaml')]   # no override of the params file
+    assert not getattr(node, 'is_lifecycle_node', False)      # a plain node: it configures and activates itself
+    assert node.parameters == [str(REPO / 'config' / 'lsm.yaml'), {'managed': False}]   # only the life cycle is set
     assert Path(node.parameters[0]).is_file()
+    assert len(_actions(launch_file)) == 1                     # no lifecycle events in plain mode
     remaps = dict(node.remappings)
     assert set(remaps) == set(INPUT_TOPICS)                    # every remap is a topic the node subscribes to
     assert remaps == {'left/image_rect': '/stereo/left/image_rect', 'right/image_rect': '/stereo/right/image_rect',
@@ -93,15 +102,73 @@ def test_launch_arguments_override_parameters_and_topics(launch_file: ModuleType
     node = _nodes(launch_file, namespace='robot', device='cpu', dust3r_checkpoint='/w/dust3r.pth',
                   publish_tf='true', left_image='/cam/left/rect', right_info='/cam/right/info')[0]
     assert node.namespace == 'robot'
-    assert node.parameters[1] == {'device': 'cpu', 'dust3r_checkpoint': '/w/dust3r.pth', 'publish_tf': True}
+    assert node.parameters[1] == {'device': 'cpu', 'dust3r_checkpoint': '/w/dust3r.pth', 'publish_tf': True,
+                                  'managed': False}
     remaps = dict(node.remappings)
     assert remaps['left/image_rect'] == '/cam/left/rect' and remaps['right/camera_info'] == '/cam/right/info'
     specs = {spec.name: spec for spec in all_parameter_specs()}
     for name, value in node.parameters[1].items():
         assert specs[name].validate(value) == value            # overrides are real, valid node parameters
-    assert _nodes(launch_file, publish_tf='false')[0].parameters[1] == {'publish_tf': False}
-    with pytest.raises(ValueError, match='not a boolean'):
-        _nodes(launch_file, publish_tf='maybe')
+    assert _nodes(launch_file, publish_tf='false')[0].parameters[1] == {'publish_tf': False, 'managed': False}
+    for name in ('publish_tf', 'managed', 'autostart'):
+        with pytest.raises(ValueError, match='not a boolean'):
+            _nodes(launch_file, **{name: 'maybe'})
+
+
+def _transition_event(action: Any, start_state: str, goal_state: str, transition: str) -> Any:
+    """A StateTransition event of ``action`` as launch_ros emits it from the node's transition_event topic."""
+    from launch_ros.events.lifecycle import StateTransition
+    from lifecycle_msgs.msg import State, Transition, TransitionEvent
+    return StateTransition(action=action, msg=TransitionEvent(
+        transition=Transition(label=transition), start_state=State(label=start_state),
+        goal_state=State(label=goal_state)))
+
+
+def test_managed_mode_launches_a_lifecycle_node_and_autostarts_it(launch_file: ModuleType) -> None:
+    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch_ros.actions import LifecycleNode
+    from launch_ros.event_handlers import OnStateTransition
+    from launch_ros.events.lifecycle import ChangeState
+    from lifecycle_msgs.msg import Transition
+
+    from lsm_ros.ros.node import NODE_NAME
+    actions = _actions(launch_file, managed='true', namespace='robot', device='cpu')
+    nodes = [a for a in actions if isinstance(a, LifecycleNode)]
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert (node.package, node.executable, node.name, node.namespace) == ('lsm_ros', 'lsm_node', NODE_NAME, 'robot')
+    assert node.parameters[1] == {'device': 'cpu', 'managed': True}   # the node waits for its transitions
+    specs = {spec.name: spec for spec in all_parameter_specs()}
+    assert specs['managed'].validate(node.parameters[1]['managed']) is True and specs['managed'].read_only
+    other = LifecycleNode(name='other', namespace='robot', executable='x')
+
+    events = [a.event for a in actions if isinstance(a, EmitEvent)]
+    assert len(events) == 1 and isinstance(events[0], ChangeState)           # configure at start
+    assert events[0].transition_id == Transition.TRANSITION_CONFIGURE
+    assert events[0].lifecycle_node_matcher(node) and not events[0].lifecycle_node_matcher(other)
+
+    handlers = [a.event_handler for a in actions if isinstance(a, RegisterEventHandler)]
+    assert len(handlers) == 1 and isinstance(handlers[0], OnStateTransition)
+    assert actions.index(next(a for a in actions if isinstance(a, RegisterEventHandler))) < actions.index(node)
+    handler = handlers[0]
+    # configure brought the node to 'inactive': activate it
+    [activate] = handler.handle(_transition_event(node, 'configuring', 'inactive', 'transition_success'))
+    assert isinstance(activate, EmitEvent) and activate.event.transition_id == Transition.TRANSITION_ACTIVATE
+    assert activate.event.lifecycle_node_matcher(node) and not activate.event.lifecycle_node_matcher(other)
+    # a later deactivate also ends in 'inactive': no re-activation; nor for another node or another state
+    assert handler.handle(_transition_event(node, 'deactivating', 'inactive', 'transition_success')) == []
+    assert handler.handle(_transition_event(other, 'configuring', 'inactive', 'transition_success')) == []
+    assert handler.handle(_transition_event(node, 'unconfigured', 'configuring', 'configure')) == []
+
+
+def test_managed_mode_without_autostart_leaves_the_transitions_to_the_user(launch_file: ModuleType) -> None:
+    from launch_ros.actions import LifecycleNode
+    actions = _actions(launch_file, managed='true', autostart='false')
+    assert len(actions) == 1 and isinstance(actions[0], LifecycleNode)
+    assert actions[0].parameters[1] == {'managed': True}
+    assert len(_actions(launch_file, managed='false', autostart='false')) == 1   # autostart only matters if managed
+    rviz = _nodes(launch_file, managed='true', use_rviz='true')
+    assert [n.package for n in rviz] == ['lsm_ros', 'rviz2']
 
 
 def test_rviz_node(launch_file: ModuleType) -> None:

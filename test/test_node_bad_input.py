@@ -106,6 +106,9 @@ def test_bad_pairs_are_rejected_and_a_good_pair_still_works(harness: Any, stereo
     statistics = node.statistics()
     assert statistics['counts']['processed'] == 2
     assert statistics['worker']['submitted'] == 2
+    # bad input never reaches the network: no inference failure, no out-of-memory, still active
+    assert lsm.REJECT_RECONSTRUCTION not in statistics['rejected'] and statistics['out_of_memory'] == 0
+    assert statistics['failed_pairs_in_a_row'] == 0 and statistics['lifecycle_state'] == 'active'
 
 
 def test_camera_info_of_another_size_is_rejected_and_use_camera_info_false_estimates(

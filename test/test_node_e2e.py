@@ -70,6 +70,20 @@ def graph(ros_context: Any, tiny_reconstructor: Any) -> Iterator[Graph]:
         graph.executor.close()
 
 
+def test_the_plain_node_is_active_at_once_and_reports_its_state(graph: Graph) -> None:
+    node = graph.node
+    assert node.get_parameter('managed').value is False and node.get_parameter('image_transport').value == 'raw'
+    assert node.lifecycle_state == lsm.STATE_ACTIVE
+    statistics = node.statistics()
+    assert statistics['lifecycle_state'] == 'active' and statistics['worker_running'] and statistics['model_on_device']
+    assert statistics['inactive_drops'] == 0 and statistics['out_of_memory'] == 0
+    assert statistics['failed_pairs_in_a_row'] == 0
+    for name in ('managed', 'image_transport', 'torch_threads'):
+        descriptor = node.describe_parameter(name)
+        assert descriptor.read_only and descriptor.description, name
+        assert 'read-only' in graph.set_parameters(**{name: node.get_parameter(name).value})[0].reason
+
+
 def test_node_subscribes_to_the_remapped_inputs(graph: Graph) -> None:
     subscribed = {s.topic_name for s in graph.node.subscriptions}
     assert set(STEREO_REMAPS.values()) <= subscribed

@@ -2,7 +2,10 @@
 
 Subscribes (SensorDataQoS, relative names as stereo_image_proc's, so they remap):
 
-- ``left/image_rect``, ``right/image_rect`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8);
+- ``left/image_rect``, ``right/image_rect`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8), or with
+  ``image_transport:=compressed`` sensor_msgs/CompressedImage (JPEG, PNG) on ``<base topic>/compressed``, the base
+  topic resolved with its remapping as image_transport does (``left/image_rect:=/cam/left/image_rect`` ->
+  ``/cam/left/image_rect/compressed``);
 - ``left/camera_info``, ``right/camera_info`` (sensor_msgs/CameraInfo), used when ``use_camera_info``:
   the intrinsics of the *rectified* images are ``P[:3,:3]`` (``K`` when P is all zeros) and the right
   camera's ``P[0,3] = -fx * B`` gives the baseline that makes the products metric.
@@ -41,29 +44,64 @@ publishes those virtual views after every reconstruction, on the worker thread:
 Images are paired by :class:`~lsm_ros.ros.sync.StereoSynchronizer`, checked in the subscription callback and
 reconstructed on one :class:`~lsm_ros.ros.sync.LatestPairWorker` thread: while a pair is being processed only
 the newest waiting pair is kept. A bad pair (sizes, encoding, data, CameraInfo, stale stamp) is logged
-(rate-limited), counted and produces no output; the node keeps running.
+(rate-limited), counted and produces no output; the node keeps running. A pair whose inference raises (an
+exception, or running out of memory: then cached accelerator memory is released) is dropped and counted
+(``reconstruction_failed``, ``out_of_memory``); a burst of such failures is logged once (its first failure, at
+error level) and its end once ('recovered after N failed pairs'); ~/query and ~/render keep answering from the
+last good reconstruction.
+
+Life cycle (a managed node, ``rclpy.lifecycle``): with ``managed:=false`` (default) the node configures and
+activates itself in its constructor; with ``managed:=true`` it starts unconfigured and follows the transitions
+(``ros2 lifecycle set /lsm/lsm_node configure`` ...):
+
+- configure: torch threads (``torch_threads``), the model (built from the checkpoint parameters, or the one passed
+  to the constructor), publishers, ~/query, ~/render, the worker thread and the subscriptions; a failure (e.g. no
+  checkpoint) is logged with the reason and leaves the node unconfigured;
+- activate: the model back on its device if deactivate moved it, one timed warm-up forward on a synthetic pair at
+  the model size, then processing starts;
+- deactivate: processing stops (the pair being reconstructed finishes and is published; later images are counted
+  in ``statistics()['inactive_drops']``, not processed); on CUDA the model moves to the CPU and the cached CUDA
+  memory is released. The last good reconstruction is kept: while inactive, ~/query and ~/render answer from it
+  when the model stayed usable (CPU), and are refused with the reason (activate first) when it was moved off CUDA;
+- cleanup and shutdown: the subscriptions, services and publishers are destroyed, the worker thread is stopped, the
+  last reconstruction and the model are dropped (a model passed to the constructor is only moved off the
+  accelerator and kept for the next configure), the torch thread count is restored;
+- on_error (a transition that raised): everything is released as by cleanup, back to unconfigured.
+
+Runtime parameter changes are all or nothing (one SetParameters request with several parameters: all applied or
+none, the reason names the refused ones) and every pair is processed with one snapshot of the parameters, taken
+when the pair is formed: its checks, its reconstruction and its publishing never mix old and new values.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import gc
 import logging
+import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import rclpy
+import torch
 from geometry_msgs.msg import PoseStamped
+from lifecycle_msgs.msg import State
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.service import Service
+from rclpy.subscription import Subscription
+from rcl_interfaces.msg import SetParametersResult
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
@@ -74,9 +112,10 @@ from lsm_ros.pipeline import (DEPTH_MIN_ALPHA, RENDER_CHANNELS, CameraCalibratio
                               Reconstructor, RenderedView)
 from lsm_ros.ros import conversions
 from lsm_ros.ros.isolation import apply_node_environment_defaults
-from lsm_ros.ros.params import LsmParameters
-from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, CameraInfoCache, LatestPairWorker, RateLimitedLog,
-                              Side, StereoPair, StereoSynchronizer)
+from lsm_ros.ros.params import (AllOrNothingParameterService, LsmParameters, ParameterSnapshot,
+                                set_parameters_all_or_nothing)
+from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, SYNC_DROP_REASONS, CameraInfoCache, LatestPairWorker,
+                              RateLimitedLog, Side, StereoPair, StereoSynchronizer)
 from lsm_ros.semantics import QueryResult
 from lsm_ros.srv import RenderView, TextQuery
 from lsm_ros.visualization import FeaturePca
@@ -88,6 +127,7 @@ RIGHT_IMAGE_TOPIC = 'right/image_rect'
 LEFT_INFO_TOPIC = 'left/camera_info'
 RIGHT_INFO_TOPIC = 'right/camera_info'
 INPUT_TOPICS = (LEFT_IMAGE_TOPIC, RIGHT_IMAGE_TOPIC, LEFT_INFO_TOPIC, RIGHT_INFO_TOPIC)
+COMPRESSED_SUFFIX = '/compressed'    # image_transport 'compressed': <resolved base topic>/compressed
 # Output topics (private: /<namespace>/lsm_node/...).
 POINTS_TOPIC = '~/points'
 LEFT_DEPTH_TOPIC = '~/left/depth'
@@ -129,7 +169,22 @@ REJECT_NO_CAMERA_INFO = 'missing_camera_info'
 REJECT_BAD_CAMERA_INFO = 'bad_camera_info'
 REJECT_STALE = 'stale_stamp'
 REJECT_TOO_OLD = 'too_old'
-REJECT_RECONSTRUCTION = 'reconstruction_failed'
+REJECT_RECONSTRUCTION = 'reconstruction_failed'   # inference raised
+REJECT_OUT_OF_MEMORY = 'out_of_memory'            # inference ran out of (accelerator or host) memory
+# Errors that count as running out of memory (torch's CUDA OOM is a RuntimeError: caught before the others).
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
+    error for error in (getattr(torch, 'OutOfMemoryError', None), getattr(torch.cuda, 'OutOfMemoryError', None),
+                        MemoryError) if error is not None))
+
+# Lifecycle: primary states (labels as lifecycle_msgs/State and `ros2 lifecycle get` spell them).
+STATE_UNCONFIGURED = 'unconfigured'
+STATE_INACTIVE = 'inactive'
+STATE_ACTIVE = 'active'
+STATE_FINALIZED = 'finalized'
+DEACTIVATE_TIMEOUT_S = 120.0     # deactivate waits this long for the pair being reconstructed
+STOP_TIMEOUT_S = 30.0            # cleanup/shutdown wait this long for the worker thread to stop
+SERVICE_DRAIN_TIMEOUT_S = 60.0   # freeing the model waits this long for ~/query and ~/render calls using it
+WARMUP_SHIFT_PX = 8              # disparity of the synthetic warm-up pair
 
 CHECKPOINT_HELP = (
     'lsm_node needs the official DUSt3R weights: pass the file with -p dust3r_checkpoint:=/path/to/'
@@ -138,12 +193,33 @@ CHECKPOINT_HELP = (
     '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml.')
 
 
-class QueryRefused(ValueError):
+class ServiceRefused(ValueError):
+    """A ~/query or ~/render request that cannot be answered; the message says why."""
+
+
+class QueryRefused(ServiceRefused):
     """A ~/query request that cannot be answered; the message says why."""
 
 
-class RenderRefused(ValueError):
+class RenderRefused(ServiceRefused):
     """A ~/render request that cannot be answered; the message says why."""
+
+
+class TransitionFailed(RuntimeError):
+    """A lifecycle transition that cannot complete; the node stays in its previous primary state."""
+
+
+@dataclass(frozen=True)
+class ServiceKind:
+    """What :meth:`LsmNode._answer_service` needs to know of a service: its name, counter prefix and noun."""
+
+    service: str        # '~/query'
+    counter: str        # statistics()['counts'][counter], counter + '_refused', counter + '_failed'
+    noun: str           # in messages: 'query failed: ...'
+
+
+QUERY = ServiceKind(QUERY_SERVICE, 'queries', 'query')
+RENDER = ServiceKind(RENDER_SERVICE, 'renders', 'render')
 
 
 def render_view_topics(view: str) -> tuple[str, str]:
@@ -166,6 +242,51 @@ def is_pinhole_matrix(K: np.ndarray) -> bool:
                 and np.array_equal(K[2], (0.0, 0.0, 1.0)))
 
 
+def available_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def torch_thread_count(setting: int, cores: int | None = None) -> int:
+    """The torch intra-op thread count of the ``torch_threads`` parameter: itself when > 0, else the CPU cores
+    minus one (at least 1), which leaves a core to the ROS executor."""
+    if setting > 0:
+        return setting
+    return max(1, (available_cpu_cores() if cores is None else cores) - 1)
+
+
+def process_torch_threads() -> int:
+    """The torch thread count a thread started now gets: the process's current setting. (torch keeps the count per
+    thread once a thread has used it, so the calling thread's own count may differ.)"""
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()), name='lsm_torch_threads_probe')
+    probe.start()
+    probe.join()
+    return seen[0]
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After running out of memory: collect garbage (tensors held by reference cycles) and, on CUDA, hand torch's
+    cached blocks back to the driver."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def warmup_pair(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic textured pair at the model size, ``resolution`` x ``resolution`` (H,W,3) uint8 RGB each: the right
+    view is the left one shifted by :data:`WARMUP_SHIFT_PX` pixels."""
+    width = resolution + WARMUP_SHIFT_PX
+    y, x = np.mgrid[0:resolution, 0:width].astype(np.float32)
+    texture = np.stack([128 + 100 * np.sin(x / 7.0) * np.cos(y / 11.0), 255 * x / width, 255 * y / resolution],
+                       axis=-1)
+    pattern = np.clip(texture, 0, 255).astype(np.uint8)
+    return pattern[:, WARMUP_SHIFT_PX:].copy(), pattern[:, :resolution].copy()
+
+
 class InputRejected(ValueError):
     """A pair that cannot be reconstructed; ``reason`` is one of the REJECT_* keys."""
 
@@ -176,23 +297,25 @@ class InputRejected(ValueError):
 
 @dataclass
 class ReceivedImage:
-    """An image message and when it arrived (monotonic seconds)."""
+    """An image message (raw or compressed) and when it arrived (monotonic seconds)."""
 
-    msg: Image
+    msg: Image | CompressedImage
     received_s: float
 
 
 @dataclass
 class PreparedPair:
-    """A checked pair, ready for the network: RGB arrays, calibration and the frames of its products."""
+    """A checked pair, ready for the network: RGB arrays, calibration, the frames of its products and the
+    parameters it is processed with (one snapshot, taken when the pair was formed)."""
 
     stamp_ns: int
-    left_rgb: np.ndarray          # (H, W, 3) uint8
-    right_rgb: np.ndarray         # (H, W, 3) uint8
+    left_rgb: np.ndarray          # (H, W, 3) uint8 RGB
+    right_rgb: np.ndarray         # (H, W, 3) uint8 RGB
     calibration: CameraCalibration | None
     left_frame: str
     right_frame: str
     received_s: float             # monotonic time the later image of the pair arrived
+    settings: ParameterSnapshot
 
 
 @dataclass(frozen=True)
@@ -221,16 +344,56 @@ class VirtualCamera:
     height: int
 
 
-class LsmNode(Node):
-    """The ROS 2 node around :class:`~lsm_ros.pipeline.Reconstructor` (see the module docstring).
+class ModelAccess:
+    """Admits the service calls that use the model, and lets the node close the model to them: :meth:`close`
+    refuses new calls (with a reason) and waits for the running ones, so the model can then be moved or dropped."""
+
+    def __init__(self, reason: str) -> None:
+        self._condition = threading.Condition()
+        self._users = 0
+        self._open = False
+        self._reason = reason
+
+    def open(self) -> None:
+        with self._condition:
+            self._open = True
+
+    def close(self, reason: str, timeout_s: float) -> bool:
+        """Refuse new calls with ``reason``; True when no call uses the model any more within ``timeout_s``."""
+        with self._condition:
+            self._open, self._reason = False, reason
+            return self._condition.wait_for(lambda: self._users == 0, timeout=timeout_s)
+
+    @contextlib.contextmanager
+    def use(self, refused: type[ServiceRefused]) -> Iterator[None]:
+        """Hold the model for one call; raises ``refused`` with the reason while closed."""
+        with self._condition:
+            if not self._open:
+                raise refused(self._reason)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._users -= 1
+                self._condition.notify_all()
+
+
+class LsmNode(LifecycleNode):
+    """The ROS 2 managed node around :class:`~lsm_ros.pipeline.Reconstructor` (see the module docstring).
 
     ``reconstructor``: an already built one (its config gives the defaults of the pipeline parameters;
-    read-only ones cannot change it); None: built from the checkpoint parameters. ``node_kwargs`` go to
-    ``rclpy.node.Node`` (context, namespace, parameter_overrides, cli_args, ...).
+    read-only ones cannot change it; it belongs to the caller: cleanup only moves it off the accelerator, and the
+    next configure takes it again); None: built from the checkpoint parameters at configure. ``node_kwargs`` go to
+    ``rclpy.node.Node`` (context, namespace, parameter_overrides, cli_args, ...). With ``managed`` false (default)
+    the constructor configures and activates the node and raises the reason when either fails.
     """
 
     def __init__(self, reconstructor: Reconstructor | None = None, **node_kwargs: Any) -> None:
-        super().__init__(NODE_NAME, **node_kwargs)
+        start_parameter_services = node_kwargs.pop('start_parameter_services', True)
+        super().__init__(NODE_NAME, start_parameter_services=False, **node_kwargs)
+        if start_parameter_services:   # SetParameters requests all or nothing (rclpy sets one parameter at a time)
+            self._parameter_service = AllOrNothingParameterService(self)
         try:
             self._set_up(reconstructor)
         except BaseException:
@@ -239,58 +402,324 @@ class LsmNode(Node):
 
     def _set_up(self, reconstructor: Reconstructor | None) -> None:
         self._lock = threading.Lock()
+        self._config_lock = threading.Lock()        # reconstructor.config vs. runtime parameter changes
         self._rejected: collections.Counter[str] = collections.Counter()
         self._counts: collections.Counter[str] = collections.Counter()
         self._latencies_s: collections.deque[float] = collections.deque(maxlen=100)
         self._last_accepted_stamp_ns: int | None = None
         self._once: set[str] = set()
-        self._lsm_params = LsmParameters(self, pipeline_defaults=reconstructor.config if reconstructor else None,
-                                         on_change=self._on_config_change)
-        if reconstructor is None:
-            reconstructor = self._build_reconstructor(self._lsm_params.pipeline)
-        else:
-            self._warn_ignored_read_only(reconstructor, self._lsm_params.pipeline)
-        self._reconstructor = reconstructor
-        self._reconstructor.config = self._pipeline_config_for(self._reconstructor, self._lsm_params.pipeline)
-        node_config = self._lsm_params.node_config
-        self._warnings = RateLimitedLog(self.get_logger(), node_config.log_throttle_s)
-        self._synchronizer = self._make_synchronizer(node_config)
-        self._camera_infos: CameraInfoCache[CameraInfo] = CameraInfoCache()
-
-        self._publishers_by_topic = {
-            POINTS_TOPIC: self.create_publisher(PointCloud2, POINTS_TOPIC, PRODUCT_QOS),
-            LEFT_DEPTH_TOPIC: self.create_publisher(Image, LEFT_DEPTH_TOPIC, PRODUCT_QOS),
-            RIGHT_DEPTH_TOPIC: self.create_publisher(Image, RIGHT_DEPTH_TOPIC, PRODUCT_QOS),
-            LEFT_MODEL_INFO_TOPIC: self.create_publisher(CameraInfo, LEFT_MODEL_INFO_TOPIC, PRODUCT_QOS),
-            RIGHT_MODEL_INFO_TOPIC: self.create_publisher(CameraInfo, RIGHT_MODEL_INFO_TOPIC, PRODUCT_QOS),
-            RELATIVE_POSE_TOPIC: self.create_publisher(PoseStamped, RELATIVE_POSE_TOPIC, PRODUCT_QOS),
-            INFO_TOPIC: self.create_publisher(ReconstructionInfo, INFO_TOPIC, PRODUCT_QOS),
-        }
-        self._tf_publisher = None  # created when publish_tf is first true
+        self._injected = reconstructor
+        self._reconstructor: Reconstructor | None = None
+        self._offloaded = False                     # deactivate moved the model off its accelerator
+        self._inferring = False                     # the reconstructor runs with a pair's pipeline config
+        self._processing = False                    # active: pairs are reconstructed
+        self._inactive_drops = 0                    # images received while not active
+        self._failure_burst = 0                     # pairs failed in a row (inference)
+        self._torch_threads = 0                     # torch intra-op threads of this configuration (0: untouched)
+        self._torch_threads_before: int | None = None
+        self._transition_error: BaseException | None = None
+        self._model_access = ModelAccess('lsm_node is not configured yet: configure and activate it '
+                                         '(ros2 lifecycle set <node> configure)')
+        self._synchronizer: StereoSynchronizer[ReceivedImage] | None = None
+        self._synchronizer_settings: dict[str, Any] = {}
+        self._camera_infos: CameraInfoCache[CameraInfo] | None = None
+        self._worker: LatestPairWorker[PreparedPair] | None = None
+        self._publishers_by_topic: dict[str, LifecyclePublisher] = {}
+        self._tf_publisher: LifecyclePublisher | None = None  # created when publish_tf is first true
+        self._subscriptions_created: list[Subscription] = []
+        self._services_created: list[Service] = []
+        self._input_topics: dict[str, str] = {}
         self._latest: LatestReconstruction | None = None
         self._feature_pca_cache: tuple[GaussianCloud, FeaturePca] | None = None
-        if self._reconstructor.semantic:
-            self._publishers_by_topic[SEMANTIC_LABELS_TOPIC] = self.create_publisher(Image, SEMANTIC_LABELS_TOPIC,
-                                                                                     PRODUCT_QOS)
-            self._publishers_by_topic[SEMANTIC_OVERLAY_TOPIC] = self.create_publisher(Image, SEMANTIC_OVERLAY_TOPIC,
-                                                                                      PRODUCT_QOS)
-            self._create_render_view_publishers(node_config.render_views)
-        # Own groups: a query or a render never waits for image callbacks (nor they for it); inference runs on the
-        # worker.
-        self.create_service(TextQuery, QUERY_SERVICE, self._on_query, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_service(RenderView, RENDER_SERVICE, self._on_render,
-                            callback_group=MutuallyExclusiveCallbackGroup())
-        self._worker: LatestPairWorker[PreparedPair] = LatestPairWorker(
-            self._process_pair, logger=self.get_logger(), name='lsm_inference',
-            log_interval_s=node_config.log_throttle_s).start()
+        self._lsm_params = LsmParameters(self, pipeline_defaults=reconstructor.config if reconstructor else None,
+                                         on_change=self._on_config_change)
+        self._warnings = RateLimitedLog(self.get_logger(), self._lsm_params.node_config.log_throttle_s)
+        if self._lsm_params.node_config.managed:
+            self.get_logger().info(f'lsm_node is managed: unconfigured, waiting for `ros2 lifecycle set '
+                                   f'{self.get_fully_qualified_name()} configure` (then activate)')
+            return
+        for transition in (self.trigger_configure, self.trigger_activate):
+            if transition() != TransitionCallbackReturn.SUCCESS:
+                raise self._transition_error or RuntimeError(f'lsm_node: {transition.__name__} failed')
 
-        self.create_subscription(Image, LEFT_IMAGE_TOPIC, self._image_callback('left'), qos_profile_sensor_data)
-        self.create_subscription(Image, RIGHT_IMAGE_TOPIC, self._image_callback('right'), qos_profile_sensor_data)
-        self.create_subscription(CameraInfo, LEFT_INFO_TOPIC, self._camera_info_callback('left'),
-                                 qos_profile_sensor_data)
-        self.create_subscription(CameraInfo, RIGHT_INFO_TOPIC, self._camera_info_callback('right'),
-                                 qos_profile_sensor_data)
+    # ------------------------------------------------------------------------------------------ life cycle
+    @property
+    def lifecycle_state(self) -> str:
+        """The lifecycle state's label: 'unconfigured', 'inactive', 'active', 'finalized' (or a transition's,
+        e.g. 'configuring', while one runs)."""
+        try:
+            return str(self._state_machine.current_state[1])
+        except Exception:  # noqa: BLE001 - the state machine is gone once the node is destroyed
+            return 'unknown'
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('configure', self._configure, TransitionCallbackReturn.FAILURE)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('activate', functools.partial(self._activate, state), TransitionCallbackReturn.FAILURE)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('deactivate', functools.partial(self._deactivate, state),
+                                TransitionCallbackReturn.ERROR)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('cleanup', self._release_all, TransitionCallbackReturn.ERROR)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('shutdown', functools.partial(self._release_all, drop_injected=True),
+                                TransitionCallbackReturn.ERROR)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised: release everything, back to unconfigured (finalized when even that fails)."""
+        try:
+            self._release_all()
+        except Exception as exc:  # noqa: BLE001 - reported, then the node is finalized
+            self.get_logger().error(f'recovering from the failed transition failed too ({type(exc).__name__}: '
+                                    f'{exc}): lsm_node is finalized')
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().warning('lsm_node recovered from the failed transition: everything released, '
+                                  'unconfigured (configure it again)')
+        return TransitionCallbackReturn.SUCCESS
+
+    def _transition(self, name: str, action: Callable[[], None],
+                    on_exception: TransitionCallbackReturn) -> TransitionCallbackReturn:
+        """Run a transition's work: SUCCESS, FAILURE for :class:`TransitionFailed`, ``on_exception`` for others
+        (configure and activate: FAILURE, the node stays where it was; the others: ERROR, then :meth:`on_error`).
+        The reason is logged and kept for the constructor of an unmanaged node."""
+        self._transition_error = None
+        try:
+            action()
+        except TransitionFailed as exc:
+            self._transition_error = exc
+            self.get_logger().error(f'{name} failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        except Exception as exc:  # noqa: BLE001 - rclpy would turn it into ERROR without a word
+            self._transition_error = exc
+            self.get_logger().error(f'{name} failed: {type(exc).__name__}: {exc}')
+            return on_exception
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        """Threads, model, publishers, services, worker and subscriptions (all released again on failure)."""
+        settings = self._lsm_params.snapshot
+        cfg = settings.node
+        self._apply_torch_threads(cfg.torch_threads)
+        try:
+            if self._injected is not None:
+                reconstructor = self._injected
+                self._warn_ignored_read_only(reconstructor, settings.pipeline)
+                reconstructor.reload()   # moved off the accelerator by an earlier cleanup
+            else:
+                started = time.perf_counter()
+                reconstructor = self._build_reconstructor(settings.pipeline)
+                self.get_logger().info(f'model {reconstructor.weights} loaded on {reconstructor.device} in '
+                                       f'{time.perf_counter() - started:.1f} s')
+            with self._config_lock:
+                reconstructor.config = self._pipeline_config_for(reconstructor, self._lsm_params.pipeline)
+                self._reconstructor = reconstructor
+            self._offloaded = False
+            self._synchronizer = self._make_synchronizer(cfg)
+            self._camera_infos = CameraInfoCache()
+            with self._lock:
+                self._last_accepted_stamp_ns = None
+                self._once.discard('inactive_images')
+            self._create_publishers(reconstructor.semantic, cfg)
+            # Own groups: a query or a render never waits for image callbacks (nor they for it); inference runs on
+            # the worker.
+            self._services_created = [
+                self.create_service(TextQuery, QUERY_SERVICE, self._on_query,
+                                    callback_group=MutuallyExclusiveCallbackGroup()),
+                self.create_service(RenderView, RENDER_SERVICE, self._on_render,
+                                    callback_group=MutuallyExclusiveCallbackGroup())]
+            self._worker = LatestPairWorker(self._process_pair, logger=self.get_logger(), name='lsm_inference',
+                                            log_interval_s=cfg.log_throttle_s).start()
+            self._create_subscriptions(cfg.image_transport)
+            self._model_access.open()
+        except BaseException:
+            self._release_all()
+            raise
         self._announce()
+
+    def _activate(self, state: LifecycleState) -> None:
+        """Model back on its device, one timed warm-up forward, publishers enabled, processing on."""
+        reconstructor = self._configured_reconstructor()
+        if self._offloaded:
+            started = time.perf_counter()
+            reconstructor.reload()
+            self._offloaded = False
+            self.get_logger().info(f'model back on {reconstructor.device} in {time.perf_counter() - started:.2f} s')
+        failure = None
+        try:
+            self._warm_up(reconstructor)
+        except OUT_OF_MEMORY_ERRORS as exc:
+            failure = f'the warm-up forward ran out of memory ({type(exc).__name__}: {exc}); still inactive'
+        except Exception as exc:  # noqa: BLE001 - reported as a failed activation
+            failure = f'the warm-up forward failed ({type(exc).__name__}: {exc}); still inactive'
+        if failure is not None:
+            release_cached_memory(reconstructor.device)
+            raise TransitionFailed(failure)
+        self._model_access.open()
+        super().on_activate(state)   # enables the lifecycle publishers
+        with self._lock:
+            self._processing = True
+        self.get_logger().info(f'lsm_node active: reconstructing pairs from {self._input_topics["left"]} and '
+                               f'{self._input_topics["right"]}')
+
+    def _warm_up(self, reconstructor: Reconstructor) -> None:
+        """One forward on a synthetic pair at the model size (not published), timed and logged."""
+        self._use_torch_threads()
+        size = reconstructor.config.resolution
+        left, right = warmup_pair(size)
+        started = time.perf_counter()
+        with self._pipeline_config(reconstructor, self._lsm_params.pipeline):
+            reconstructor.reconstruct(left, right)
+        self.get_logger().info(f'warm-up: one forward on a synthetic {size}x{size} pair on {reconstructor.device} '
+                               f'took {time.perf_counter() - started:.2f} s')
+
+    def _deactivate(self, state: LifecycleState) -> None:
+        """Processing off (the pair in flight finishes and is published), publishers disabled, accelerator freed."""
+        with self._lock:
+            self._processing = False
+            self._once.discard('inactive_images')
+        worker = self._worker
+        if worker is not None and not worker.wait_idle(DEACTIVATE_TIMEOUT_S):
+            with self._lock:
+                self._processing = True
+            raise TransitionFailed(f'the pair being reconstructed did not finish within {DEACTIVATE_TIMEOUT_S:g} s; '
+                                   'still active')
+        super().on_deactivate(state)   # disables the lifecycle publishers
+        if self._synchronizer is not None:
+            self._synchronizer.reset()  # images queued for pairing are forgotten
+        reconstructor = self._configured_reconstructor()
+        reason = (f'lsm_node is inactive and its model was moved off {reconstructor.device} to free accelerator '
+                  f'memory: activate it (ros2 lifecycle set {self.get_fully_qualified_name()} activate) to use '
+                  f'{self.resolve_service_name(QUERY_SERVICE)} and {self.resolve_service_name(RENDER_SERVICE)} again '
+                  '(the last reconstruction is kept)')
+        if not self._model_access.close(reason, SERVICE_DRAIN_TIMEOUT_S):
+            self.get_logger().warning(f'~/query or ~/render calls still use the model after '
+                                      f'{SERVICE_DRAIN_TIMEOUT_S:g} s: freeing it anyway')
+        if reconstructor.offload():
+            self._offloaded = True
+            release_cached_memory(reconstructor.device)
+            self.get_logger().info(f'lsm_node inactive: model moved off {reconstructor.device}, accelerator memory '
+                                   'released; ~/query and ~/render refused until activation')
+        else:
+            self._model_access.open()   # on the CPU nothing is freed: the model keeps answering
+            self.get_logger().info('lsm_node inactive: images are counted, not processed; ~/query and ~/render '
+                                   'answer from the last reconstruction')
+
+    def _release_all(self, drop_injected: bool = False) -> None:
+        """Cleanup, shutdown, error recovery and destruction: subscriptions, worker thread, services, publishers,
+        the last reconstruction and the model; the torch thread count is restored. Idempotent."""
+        with self._lock:
+            self._processing = False
+        for subscription in self._subscriptions_created:
+            self.destroy_subscription(subscription)
+        self._subscriptions_created, self._input_topics = [], {}
+        worker = self._worker
+        if worker is not None and worker.running and not worker.stop(timeout_s=STOP_TIMEOUT_S):
+            self.get_logger().warning(f'the inference thread did not stop within {STOP_TIMEOUT_S:g} s')
+        if not self._model_access.close('lsm_node is not configured: configure and activate it (ros2 lifecycle set '
+                                        f'{self.get_fully_qualified_name()} configure)', SERVICE_DRAIN_TIMEOUT_S):
+            self.get_logger().warning(f'~/query or ~/render calls still running after {SERVICE_DRAIN_TIMEOUT_S:g} s')
+        for service in self._services_created:
+            self.destroy_service(service)
+        self._services_created = []
+        publishers = list(self._publishers_by_topic.values()) + ([self._tf_publisher] if self._tf_publisher else [])
+        self._publishers_by_topic, self._tf_publisher = {}, None
+        for publisher in publishers:
+            self.destroy_lifecycle_publisher(publisher)
+        with self._lock:
+            self._latest, self._feature_pca_cache = None, None
+        with self._config_lock:
+            reconstructor, self._reconstructor = self._reconstructor, None
+        if drop_injected:
+            self._injected = None
+        if reconstructor is not None:
+            device = reconstructor.device
+            try:
+                reconstructor.offload()   # a caller's reconstructor is kept, off the accelerator
+            except Exception as exc:  # noqa: BLE001 - the rest is released anyway
+                self.get_logger().error(f'moving the model off {device} failed: {type(exc).__name__}: {exc}')
+            del reconstructor
+            release_cached_memory(device)
+        self._offloaded = False
+        if self._synchronizer is not None:
+            self._synchronizer.reset()
+        self._camera_infos = None
+        self._restore_torch_threads()
+
+    def _configured_reconstructor(self) -> Reconstructor:
+        reconstructor = self._reconstructor
+        if reconstructor is None:
+            raise TransitionFailed('lsm_node is not configured')
+        return reconstructor
+
+    def _apply_torch_threads(self, setting: int) -> None:
+        """torch.set_num_threads for the ``torch_threads`` parameter (the previous count is restored at cleanup).
+        torch keeps the count per thread once a thread has used it (new threads start from the last count set):
+        the worker, the warm-up and the services set it on their own thread too (:meth:`_use_torch_threads`)."""
+        threads, previous = torch_thread_count(setting), process_torch_threads()
+        if self._torch_threads_before is None:
+            self._torch_threads_before = previous
+        self._torch_threads = threads
+        torch.set_num_threads(threads)
+        how = (f'torch_threads = {setting}' if setting > 0 else
+               f'torch_threads = 0: {available_cpu_cores()} CPU core(s) minus one for the ROS executor, at least 1')
+        self.get_logger().info(f'torch runs {threads} intra-op thread(s) ({how}; was {previous})')
+
+    def _use_torch_threads(self) -> None:
+        """Give the calling thread the configured torch thread count (a no-op when it has it already)."""
+        threads = self._torch_threads
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def _restore_torch_threads(self) -> None:
+        self._torch_threads = 0
+        if self._torch_threads_before is not None:
+            torch.set_num_threads(self._torch_threads_before)
+            self._torch_threads_before = None
+
+    # ------------------------------------------------------------------------------------------ parameters
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        """Set several parameters all or nothing (rclpy would set them one by one): one result per parameter,
+        all successful, or all refused with the reason."""
+        return set_parameters_all_or_nothing(self, list(parameter_list))
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's atomic set, with lsm_node's parameters checked first, so that a refusal names each bad parameter
+        and says why (rclpy's own type check only says 'Wrong parameter type')."""
+        parameters = getattr(self, '_lsm_params', None)   # None while the parameters are being declared
+        if parameters is not None:
+            checked = parameters.check(list(parameter_list))
+            if not checked.successful:
+                return checked
+        return super().set_parameters_atomically(parameter_list)
+
+    @contextlib.contextmanager
+    def _pipeline_config(self, reconstructor: Reconstructor, pipeline: PipelineConfig) -> Iterator[None]:
+        """Run inference with ``pipeline`` as the reconstructor's config: runtime changes made meanwhile reach the
+        reconstructor only afterwards, so one forward never mixes two configs."""
+        with self._config_lock:
+            self._inferring = True
+            reconstructor.config = self._pipeline_config_for(reconstructor, pipeline)
+        try:
+            yield
+        finally:
+            with self._config_lock:
+                self._inferring = False
+                reconstructor.config = self._pipeline_config_for(reconstructor, self._lsm_params.pipeline)
+
+    def _on_config_change(self, pipeline: PipelineConfig, node_config: NodeConfig) -> None:
+        with self._config_lock:
+            reconstructor = self._reconstructor
+            if reconstructor is not None and not self._inferring:
+                reconstructor.config = self._pipeline_config_for(reconstructor, pipeline)
+        if reconstructor is not None and reconstructor.semantic:
+            self._create_render_view_publishers(node_config.render_views)
+        self._warnings.interval_s = node_config.log_throttle_s
+        if self._synchronizer is not None and self._sync_settings(node_config) != self._synchronizer_settings:
+            self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_reconstructor(self, pipeline: PipelineConfig) -> Reconstructor:
@@ -322,13 +751,46 @@ class LsmNode(Node):
         self._synchronizer_settings = self._sync_settings(config)
         return StereoSynchronizer(**self._synchronizer_settings)
 
+    def _create_product_publisher(self, msg_type: Any, topic: str, qos: QoSProfile) -> LifecyclePublisher:
+        """A lifecycle publisher (silent while the node is not active), enabled at once when created while active."""
+        publisher = self.create_lifecycle_publisher(msg_type, topic, qos)
+        if self.lifecycle_state == STATE_ACTIVE:
+            publisher.on_activate(LifecycleState(label=STATE_ACTIVE, state_id=State.PRIMARY_STATE_ACTIVE))
+        return publisher
+
+    def _create_publishers(self, semantic: bool, cfg: NodeConfig) -> None:
+        for topic, msg_type in ((POINTS_TOPIC, PointCloud2), (LEFT_DEPTH_TOPIC, Image), (RIGHT_DEPTH_TOPIC, Image),
+                                (LEFT_MODEL_INFO_TOPIC, CameraInfo), (RIGHT_MODEL_INFO_TOPIC, CameraInfo),
+                                (RELATIVE_POSE_TOPIC, PoseStamped), (INFO_TOPIC, ReconstructionInfo)):
+            self._publishers_by_topic[topic] = self._create_product_publisher(msg_type, topic, PRODUCT_QOS)
+        if semantic:
+            for topic in SEMANTIC_TOPICS:
+                self._publishers_by_topic[topic] = self._create_product_publisher(Image, topic, PRODUCT_QOS)
+            self._create_render_view_publishers(cfg.render_views)
+
+    def _create_subscriptions(self, transport: str) -> None:
+        """Image subscriptions (raw, or CompressedImage on <resolved base topic>/compressed) and CameraInfo."""
+        image_type = CompressedImage if transport == 'compressed' else Image
+        suffix = COMPRESSED_SUFFIX if transport == 'compressed' else ''
+        self._input_topics = {}
+        for side, base in (('left', LEFT_IMAGE_TOPIC), ('right', RIGHT_IMAGE_TOPIC)):
+            # image_transport resolves (remaps) the base topic, then appends the transport's suffix
+            topic = self.resolve_topic_name(base) + suffix if suffix else base
+            subscription = self.create_subscription(image_type, topic, self._image_callback(side),
+                                                    qos_profile_sensor_data)
+            self._subscriptions_created.append(subscription)
+            self._input_topics[side] = subscription.topic_name
+        for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
+            self._subscriptions_created.append(self.create_subscription(
+                CameraInfo, topic, self._camera_info_callback(side), qos_profile_sensor_data))
+
     def _announce(self) -> None:
-        rec, cfg, logger = self._reconstructor, self._lsm_params.node_config, self.get_logger()
-        logger.info(f'lsm_node ready: weights {rec.weights}, device {rec.device}, resolution '
+        rec, cfg, logger = self._configured_reconstructor(), self._lsm_params.node_config, self.get_logger()
+        logger.info(f'lsm_node configured: weights {rec.weights}, device {rec.device}, resolution '
                     f'{rec.config.resolution}, {"approximate" if cfg.approximate_sync else "exact"} stereo sync, '
                     f'camera info {"used" if cfg.use_camera_info else "ignored (intrinsics estimated)"}; '
-                    f'waiting for {self.resolve_topic_name(LEFT_IMAGE_TOPIC)} and '
-                    f'{self.resolve_topic_name(RIGHT_IMAGE_TOPIC)}')
+                    f'{cfg.image_transport} images from {self._input_topics["left"]} and '
+                    f'{self._input_topics["right"]}')
         if rec.semantic:
             logger.info(f'semantic model: labels {list(cfg.labels)} on {self.resolve_topic_name(SEMANTIC_LABELS_TOPIC)}'
                         f'; text queries on {self.resolve_service_name(QUERY_SERVICE)}; rendering on '
@@ -341,19 +803,16 @@ class LsmNode(Node):
             logger.error(f'\n{banner}\n  UNTRAINED WEIGHTS ({rec.weights}): every product of this node is '
                          f'meaningless.\n  {CHECKPOINT_HELP}\n{banner}')
 
-    def _on_config_change(self, pipeline: PipelineConfig, node_config: NodeConfig) -> None:
-        self._reconstructor.config = self._pipeline_config_for(self._reconstructor, pipeline)
-        if self._reconstructor.semantic:
-            self._create_render_view_publishers(node_config.render_views)
-        self._warnings.interval_s = node_config.log_throttle_s
-        if self._sync_settings(node_config) != self._synchronizer_settings:
-            self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
-
     def output_topic_names(self) -> dict[str, str]:
         """Fully resolved names of the products: {'~/points': '/<ns>/lsm_node/points', ...}; the semantic ones
-        only with the semantic model."""
-        topics = OUTPUT_TOPICS + (SEMANTIC_TOPICS if self._reconstructor.semantic else ())
+        only with the semantic model (known once configured, or from the reconstructor given to the constructor)."""
+        reconstructor = self.reconstructor
+        topics = OUTPUT_TOPICS + (SEMANTIC_TOPICS if reconstructor is not None and reconstructor.semantic else ())
         return {topic: self.resolve_topic_name(topic) for topic in topics}
+
+    def input_image_topic_names(self) -> dict[str, str]:
+        """Fully resolved image topics subscribed to, {'left': ..., 'right': ...} (empty while unconfigured)."""
+        return dict(self._input_topics)
 
     def query_service_name(self) -> str:
         """Fully resolved name of the ~/query service."""
@@ -373,23 +832,32 @@ class LsmNode(Node):
         for view in views:
             image_topic, info_topic = render_view_topics(view)
             if image_topic not in self._publishers_by_topic:
-                self._publishers_by_topic[info_topic] = self.create_publisher(CameraInfo, info_topic, PRODUCT_QOS)
-                self._publishers_by_topic[image_topic] = self.create_publisher(Image, image_topic, PRODUCT_QOS)
+                self._publishers_by_topic[info_topic] = self._create_product_publisher(CameraInfo, info_topic,
+                                                                                       PRODUCT_QOS)
+                self._publishers_by_topic[image_topic] = self._create_product_publisher(Image, image_topic,
+                                                                                        PRODUCT_QOS)
 
     @property
-    def reconstructor(self) -> Reconstructor:
-        return self._reconstructor
+    def reconstructor(self) -> Reconstructor | None:
+        """The model in use once configured, else the one given to the constructor (None: not built yet)."""
+        return self._reconstructor if self._reconstructor is not None else self._injected
 
     @property
     def node_config(self) -> NodeConfig:
         return self._lsm_params.node_config
 
     # ------------------------------------------------------------------------------------------ input
-    def _image_callback(self, side: Side) -> Callable[[Image], None]:
-        def on_image(msg: Image) -> None:
+    def _image_callback(self, side: Side) -> Callable[[Image | CompressedImage], None]:
+        def on_image(msg: Image | CompressedImage) -> None:
             self._count(f'{side}_images')
-            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
             synchronizer = self._synchronizer
+            if not self._processing or synchronizer is None:
+                with self._lock:
+                    self._inactive_drops += 1
+                self._info_once('inactive_images', f'images arrive while lsm_node is {self.lifecycle_state}: they '
+                                'are counted (statistics inactive_drops), not processed')
+                return
+            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
             result = synchronizer.add(side, stamp_ns, ReceivedImage(msg, time.monotonic()))
             if result.rejected == DROP_LATE:
                 self._reject(REJECT_STALE, f'{side} image stamp {stamp_ns * 1e-9:.6f} s is not newer than the last '
@@ -404,23 +872,35 @@ class LsmNode(Node):
     def _camera_info_callback(self, side: Side) -> Callable[[CameraInfo], None]:
         def on_camera_info(msg: CameraInfo) -> None:
             self._count(f'{side}_camera_infos')
-            self._camera_infos.update(side, conversions.stamp_to_nanoseconds(msg.header.stamp), msg)
+            cache = self._camera_infos
+            if cache is not None:
+                cache.update(side, conversions.stamp_to_nanoseconds(msg.header.stamp), msg)
         return on_camera_info
 
     def _on_pair(self, pair: StereoPair[ReceivedImage]) -> None:
         self._count('pairs')
+        settings = self._lsm_params.snapshot   # the one set of parameters this pair is processed with
         try:
-            prepared = self._prepare_pair(pair)
+            prepared = self._prepare_pair(pair, settings)
         except InputRejected as exc:
             self._reject(exc.reason, str(exc))
             return
+        worker = self._worker
+        if worker is None or not self._processing:
+            with self._lock:
+                self._counts['pairs_discarded_inactive'] += 1
+            return
         with self._lock:
             self._last_accepted_stamp_ns = prepared.stamp_ns
-        self._worker.submit(prepared)  # replaces a still pending pair (counted in statistics()['worker'])
+        try:
+            worker.submit(prepared)  # replaces a still pending pair (counted in statistics()['worker'])
+        except RuntimeError:     # stopped by a concurrent cleanup
+            with self._lock:
+                self._counts['pairs_discarded_inactive'] += 1
 
-    def _prepare_pair(self, pair: StereoPair[ReceivedImage]) -> PreparedPair:
+    def _prepare_pair(self, pair: StereoPair[ReceivedImage], settings: ParameterSnapshot) -> PreparedPair:
         """Check a synchronised pair and convert it for the network; raises :class:`InputRejected`."""
-        cfg = self._lsm_params.node_config
+        cfg = settings.node
         stamp_ns = pair.stamp_ns
         stamp_text = f'{stamp_ns * 1e-9:.6f} s'
         with self._lock:
@@ -434,33 +914,45 @@ class LsmNode(Node):
                 raise InputRejected(REJECT_TOO_OLD, f'pair at {stamp_text} is {age_s:.3f} s old, more than '
                                     f'max_input_age_s = {cfg.max_input_age_s} s: dropped')
         left_msg, right_msg = pair.left.msg, pair.right.msg
-        arrays = {}
-        for side, msg in (('left', left_msg), ('right', right_msg)):
-            if msg.encoding not in conversions.SUPPORTED_IMAGE_ENCODINGS:
-                raise InputRejected(REJECT_ENCODING, f'{side} image at {stamp_text} has encoding {msg.encoding!r}; '
-                                    f'lsm_node takes {", ".join(conversions.SUPPORTED_IMAGE_ENCODINGS)}: dropped')
-            try:
-                arrays[side] = conversions.image_to_numpy(msg)
-            except conversions.ImageConversionError as exc:
-                raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {exc}: dropped') from exc
+        arrays = {side: self._decode(side, msg, stamp_text) for side, msg in (('left', left_msg),
+                                                                                ('right', right_msg))}
+        (left_h, left_w), (right_h, right_w) = arrays['left'].shape[:2], arrays['right'].shape[:2]
         if arrays['left'].shape != arrays['right'].shape:
-            raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is '
-                                f'{left_msg.width}x{left_msg.height}, right image {right_msg.width}x'
-                                f'{right_msg.height}; both must have the same size: dropped')
-        calibration = self._calibration(stamp_ns, stamp_text, left_msg) if cfg.use_camera_info else None
+            raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is {left_w}x{left_h}, right '
+                                f'image {right_w}x{right_h}; both must have the same size: dropped')
+        calibration = self._calibration(stamp_ns, stamp_text, (left_w, left_h), cfg) if cfg.use_camera_info else None
         left_frame = cfg.left_frame_id or left_msg.header.frame_id or self._default_frame('left', DEFAULT_LEFT_FRAME)
         right_frame = cfg.right_frame_id or right_msg.header.frame_id or \
             self._default_frame('right', DEFAULT_RIGHT_FRAME)
         return PreparedPair(stamp_ns=stamp_ns, left_rgb=arrays['left'], right_rgb=arrays['right'],
                             calibration=calibration, left_frame=left_frame, right_frame=right_frame,
-                            received_s=max(pair.left.received_s, pair.right.received_s))
+                            received_s=max(pair.left.received_s, pair.right.received_s), settings=settings)
 
-    def _calibration(self, stamp_ns: int, stamp_text: str, left_msg: Image) -> CameraCalibration:
-        cfg = self._lsm_params.node_config
+    @staticmethod
+    def _decode(side: str, msg: Image | CompressedImage, stamp_text: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of a raw or compressed image; raises :class:`InputRejected`."""
+        if isinstance(msg, CompressedImage):
+            try:
+                return conversions.compressed_image_to_numpy(msg)
+            except conversions.ImageConversionError as exc:
+                raise InputRejected(REJECT_IMAGE_DATA, f'{side} compressed image ({msg.format!r}) at {stamp_text}: '
+                                    f'{exc}: dropped') from exc
+        if msg.encoding not in conversions.SUPPORTED_IMAGE_ENCODINGS:
+            raise InputRejected(REJECT_ENCODING, f'{side} image at {stamp_text} has encoding {msg.encoding!r}; '
+                                f'lsm_node takes {", ".join(conversions.SUPPORTED_IMAGE_ENCODINGS)}: dropped')
+        try:
+            return conversions.image_to_numpy(msg)
+        except conversions.ImageConversionError as exc:
+            raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {exc}: dropped') from exc
+
+    def _calibration(self, stamp_ns: int, stamp_text: str, size: tuple[int, int], cfg: NodeConfig
+                     ) -> CameraCalibration:
+        """The pair's calibration from the CameraInfo of its stamp; ``size``: the images' (width, height)."""
         tolerance_ns = round(cfg.camera_info_tolerance_s * 1e9)
+        cache = self._camera_infos
         infos = {}
         for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
-            info = self._camera_infos.lookup(side, stamp_ns, tolerance_ns)
+            info = cache.lookup(side, stamp_ns, tolerance_ns) if cache is not None else None
             if info is None:
                 raise InputRejected(REJECT_NO_CAMERA_INFO, (
                     f'no CameraInfo on {self.resolve_topic_name(topic)} within camera_info_tolerance_s = '
@@ -470,10 +962,9 @@ class LsmNode(Node):
         try:
             for side, info in infos.items():
                 _, _, width, height = conversions.camera_info_to_matrices(info)
-                if (width, height) != (left_msg.width, left_msg.height):
+                if (width, height) != size:
                     raise conversions.CameraInfoError(
-                        f'{side} CameraInfo is for {width}x{height} images, the images are '
-                        f'{left_msg.width}x{left_msg.height}')
+                        f'{side} CameraInfo is for {width}x{height} images, the images are {size[0]}x{size[1]}')
             K_left = conversions.rectified_intrinsics(infos['left'])
             K_right = conversions.rectified_intrinsics(infos['right'])
             calibration = CameraCalibration(K_left=K_left, K_right=K_right,
@@ -493,18 +984,56 @@ class LsmNode(Node):
 
     # ------------------------------------------------------------------------------------------ output
     def _process_pair(self, pair: PreparedPair) -> None:
-        """Worker thread: reconstruct one pair and publish its products."""
-        try:
-            result = self._reconstructor.reconstruct(pair.left_rgb, pair.right_rgb, pair.calibration)
-        except Exception as exc:  # noqa: BLE001 - one failed pair must not stop the node
-            self._reject(REJECT_RECONSTRUCTION, f'reconstruction of the pair at {pair.stamp_ns * 1e-9:.6f} s '
-                         f'failed: {type(exc).__name__}: {exc}')
+        """Worker thread: reconstruct one pair with its parameter snapshot and publish its products. A failed
+        inference drops the pair (counted by reason; a burst of failures is logged once)."""
+        with self._lock:
+            processing = self._processing
+            if not processing:
+                self._counts['pairs_discarded_inactive'] += 1
+        reconstructor = self._reconstructor
+        if not processing or reconstructor is None:
             return
-        self._publish_reconstruction(pair, result)
+        self._use_torch_threads()
+        out_of_memory = False
+        try:
+            with self._pipeline_config(reconstructor, pair.settings.pipeline):
+                result = reconstructor.reconstruct(pair.left_rgb, pair.right_rgb, pair.calibration)
+        except OUT_OF_MEMORY_ERRORS as exc:
+            self._inference_failed(pair, REJECT_OUT_OF_MEMORY, exc)
+            out_of_memory = True
+        except Exception as exc:  # noqa: BLE001 - one failed pair must not stop the node
+            self._inference_failed(pair, REJECT_RECONSTRUCTION, exc)
+            return
+        if out_of_memory:   # outside the except block: its traceback no longer holds the failed forward's tensors
+            release_cached_memory(reconstructor.device)
+            return
+        self._inference_succeeded()
+        self._publish_reconstruction(pair, result, reconstructor)
 
-    def _publish_reconstruction(self, pair: PreparedPair, result: Reconstruction) -> None:
-        """Publish every product of ``result`` stamped with the pair's stamp."""
-        cfg = self._lsm_params.node_config
+    def _inference_failed(self, pair: PreparedPair, reason: str, exc: BaseException) -> None:
+        """Count a failed pair; log only the first failure of a burst (error level)."""
+        with self._lock:
+            self._rejected[reason] += 1
+            self._failure_burst += 1
+            first = self._failure_burst == 1
+        if first:
+            kind = 'ran out of memory' if reason == REJECT_OUT_OF_MEMORY else 'failed'
+            self.get_logger().error(
+                f'reconstruction of the pair at {pair.stamp_ns * 1e-9:.6f} s {kind}: {type(exc).__name__}: {exc}. '
+                f'The pair is dropped ({reason}); further failures are counted, not logged, until a pair succeeds; '
+                '~/query and ~/render answer from the last good reconstruction')
+
+    def _inference_succeeded(self) -> None:
+        """End a burst of failures (one info line saying how many pairs it dropped)."""
+        with self._lock:
+            failed, self._failure_burst = self._failure_burst, 0
+        if failed:
+            self.get_logger().info(f'recovered after {failed} failed pair{"s" if failed != 1 else ""}')
+
+    def _publish_reconstruction(self, pair: PreparedPair, result: Reconstruction,
+                                reconstructor: Reconstructor) -> None:
+        """Publish every product of ``result`` stamped with the pair's stamp, with the pair's parameters."""
+        cfg = pair.settings.node
         stamp = conversions.nanoseconds_to_stamp(pair.stamp_ns)
 
         def left_header() -> Header:
@@ -513,7 +1042,7 @@ class LsmNode(Node):
         def right_header() -> Header:
             return conversions.make_header(stamp, pair.right_frame)
 
-        labelled = self._label(pair, result, cfg.labels) if self._reconstructor.semantic else None
+        labelled = self._label(pair, result, cfg.labels, reconstructor) if reconstructor.semantic else None
         with self._lock:
             self._latest = LatestReconstruction(result=result, stamp_ns=pair.stamp_ns, left_frame=pair.left_frame,
                                                 right_frame=pair.right_frame, labelled=labelled)
@@ -541,7 +1070,7 @@ class LsmNode(Node):
                                                                                            left_header()))
             if cfg.publish_tf:
                 transforms = [(result.T_1_2, pair.right_frame)]
-                if 'midway' in cfg.render_views and self._reconstructor.semantic:
+                if 'midway' in cfg.render_views and reconstructor.semantic:
                     transforms.append((midway_pose(result.T_1_2), pair.left_frame + MIDWAY_FRAME_SUFFIX))
                 self._publish_tf(transforms, left_header())
         else:
@@ -566,9 +1095,10 @@ class LsmNode(Node):
             self._counts['processed'] += 1
             self._latencies_s.append(latency_s)
         if cfg.render_views and result.gaussians is not None:
-            self._publish_render_views(pair, result, cfg.render_views)
+            self._publish_render_views(pair, result, cfg.render_views, reconstructor)
 
-    def _publish_render_views(self, pair: PreparedPair, result: Reconstruction, views: tuple[str, ...]) -> None:
+    def _publish_render_views(self, pair: PreparedPair, result: Reconstruction, views: tuple[str, ...],
+                              reconstructor: Reconstructor) -> None:
         """Render and publish the ``render_views`` of a reconstruction (rgb8 image and camera info per view)."""
         stamp = conversions.nanoseconds_to_stamp(pair.stamp_ns)
         for view in views:
@@ -581,8 +1111,8 @@ class LsmNode(Node):
                 continue
             camera, frame = self._render_view_camera(view, pair, result)
             try:
-                rendered = self._reconstructor.render(result, camera.T_left_camera, camera.K,
-                                                      (camera.width, camera.height), channels=('rgb',))
+                rendered = reconstructor.render(result, camera.T_left_camera, camera.K,
+                                                (camera.width, camera.height), channels=('rgb',))
             except Exception as exc:  # noqa: BLE001 - a failed render must not stop the node
                 self._count('render_view_failures')
                 self._warnings.warning(f'render_{view}_failed', f'rendering view {view!r} of the pair at '
@@ -604,10 +1134,11 @@ class LsmNode(Node):
         return (VirtualCamera(midway_pose(result.T_1_2), 0.5 * (result.K_1 + result.K_2), width, height),
                 pair.left_frame + MIDWAY_FRAME_SUFFIX)
 
-    def _label(self, pair: PreparedPair, result: Reconstruction, labels: tuple[str, ...]) -> QueryResult | None:
+    def _label(self, pair: PreparedPair, result: Reconstruction, labels: tuple[str, ...],
+               reconstructor: Reconstructor) -> QueryResult | None:
         """The active label set's answer on both views; None (warned) when the query fails."""
         try:
-            return self._reconstructor.query(result, labels, views=(0, 1))
+            return reconstructor.query(result, labels, views=(0, 1))
         except Exception as exc:  # noqa: BLE001 - the geometry products are still published
             self._count('labelling_failures')
             self._warnings.warning('labelling_failed', f'labelling the pair at {pair.stamp_ns * 1e-9:.6f} s with '
@@ -615,26 +1146,50 @@ class LsmNode(Node):
                                    'the label field not published')
             return None
 
+
+    # ------------------------------------------------------------------------------------------ services
+    def _answer_service(self, kind: ServiceKind, response: Any,
+                        answer: Callable[[Reconstructor], str]) -> Any:
+        """The one wrapper of ~/query and ~/render: count the call, hold the model while ``answer(reconstructor)``
+        fills ``response`` (it returns a summary for the message), and turn a refusal (:class:`ServiceRefused`:
+        bad request, no reconstruction yet, model unavailable) or a failure into ``success: false`` with the reason,
+        counted (``<counter>_refused``, ``<counter>_failed``) and logged; the node goes on."""
+        self._count(kind.counter)
+        started = time.perf_counter()
+        self._use_torch_threads()
+        try:
+            with self._model_access.use(ServiceRefused):
+                reconstructor = self._reconstructor
+                if reconstructor is None:
+                    raise ServiceRefused('lsm_node is not configured')
+                summary = answer(reconstructor)
+        except ServiceRefused as exc:
+            self._count(f'{kind.counter}_refused')
+            self._warnings.warning(f'{kind.noun}_refused', f'{kind.service} refused: {exc}')
+            return type(response)(success=False, message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed call must not stop the executor
+            self._count(f'{kind.counter}_failed')
+            self.get_logger().error(f'{kind.service} failed: {type(exc).__name__}: {exc}')
+            return type(response)(success=False, message=f'{kind.noun} failed: {type(exc).__name__}: {exc}')
+        response.message = f'{summary} in {time.perf_counter() - started:.2f} s'
+        return response
+
+    def _latest_reconstruction(self, refused: type[ServiceRefused]) -> LatestReconstruction:
+        with self._lock:
+            latest = self._latest
+        if latest is None:
+            raise refused('no reconstruction yet: the first stereo pair is still awaited or being processed')
+        return latest
+
     # ------------------------------------------------------------------------------------------ queries
     def _on_query(self, request: TextQuery.Request, response: TextQuery.Response) -> TextQuery.Response:
         """~/query: answer phrases on the latest reconstruction; refusals set success=false and say why."""
-        self._count('queries')
-        started = time.perf_counter()
-        try:
-            latest, answer, threshold = self._answer_query(request)
-            self._fill_query_response(response, latest, answer, threshold, request.label_images)
-        except QueryRefused as exc:
-            self._count('queries_refused')
-            self._warnings.warning('query_refused', f'~/query refused: {exc}')
-            return TextQuery.Response(success=False, message=str(exc))
-        except Exception as exc:  # noqa: BLE001 - a failed query must not stop the executor
-            self._count('queries_failed')
-            self.get_logger().error(f'~/query failed: {type(exc).__name__}: {exc}')
-            return TextQuery.Response(success=False, message=f'query failed: {type(exc).__name__}: {exc}')
-        response.message = (f'{len(answer.phrases)} phrase(s) on the {" and ".join(response.views)} view(s) of the '
-                            f'reconstruction at {latest.stamp_ns * 1e-9:.6f} s, threshold {threshold:g}, in '
-                            f'{time.perf_counter() - started:.2f} s')
-        return response
+        def answer(reconstructor: Reconstructor) -> str:
+            latest, result, threshold = self._answer_query(request, reconstructor)
+            self._fill_query_response(response, latest, result, threshold, request.label_images)
+            return (f'{len(result.phrases)} phrase(s) on the {" and ".join(response.views)} view(s) of the '
+                    f'reconstruction at {latest.stamp_ns * 1e-9:.6f} s, threshold {threshold:g},')
+        return self._answer_service(QUERY, response, answer)
 
     @staticmethod
     def _fill_query_response(response: TextQuery.Response, latest: LatestReconstruction, answer: QueryResult,
@@ -661,10 +1216,11 @@ class LsmNode(Node):
         response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
         response.success = True
 
-    def _answer_query(self, request: TextQuery.Request) -> tuple[LatestReconstruction, QueryResult, float]:
+    def _answer_query(self, request: TextQuery.Request, reconstructor: Reconstructor
+                      ) -> tuple[LatestReconstruction, QueryResult, float]:
         """Check a request and compute its answer; raises :class:`QueryRefused` with the reason."""
-        if not self._reconstructor.semantic:
-            raise QueryRefused(f'lsm_node runs a geometry-only model ({self._reconstructor.weights}): text queries '
+        if not reconstructor.semantic:
+            raise QueryRefused(f'lsm_node runs a geometry-only model ({reconstructor.weights}): text queries '
                                'need the full LSM (set lsm_checkpoint, with dust3r_checkpoint and lseg_checkpoint '
                                'unless the LSM file names them)')
         threshold = float(request.threshold)
@@ -676,14 +1232,11 @@ class LsmNode(Node):
                 else self._lsm_params.node_config.labels
         except ValueError as exc:
             raise QueryRefused(str(exc)) from exc
-        with self._lock:
-            latest = self._latest
-        if latest is None:
-            raise QueryRefused('no reconstruction yet: the first stereo pair is still awaited or being processed')
+        latest = self._latest_reconstruction(QueryRefused)
         if latest.labelled is not None and latest.labelled.phrases == phrases:
             return latest, latest.labelled.select_views(views), threshold
         try:
-            return latest, self._reconstructor.query(latest.result, phrases, views=views), threshold
+            return latest, reconstructor.query(latest.result, phrases, views=views), threshold
         except (ValueError, RuntimeError) as exc:
             raise QueryRefused(f'{type(exc).__name__}: {exc}') from exc
 
@@ -695,7 +1248,7 @@ class LsmNode(Node):
                                    'left_frame_id/right_frame_id to publish /tf')
             return
         if self._tf_publisher is None:
-            self._tf_publisher = self.create_publisher(TFMessage, TF_TOPIC, TF_QOS)
+            self._tf_publisher = self._create_product_publisher(TFMessage, TF_TOPIC, TF_QOS)
         message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T, header, child)
                                         for T, child in transforms])
         try:
@@ -703,37 +1256,28 @@ class LsmNode(Node):
         except Exception as exc:  # noqa: BLE001 - rclpy raises RCLError (and others on shutdown)
             self._publish_failed(TF_TOPIC, exc)
 
+
     # ------------------------------------------------------------------------------------------ rendering
     def _on_render(self, request: RenderView.Request, response: RenderView.Response) -> RenderView.Response:
         """~/render: render the latest reconstruction from the requested camera; refusals set success=false."""
-        self._count('renders')
-        started = time.perf_counter()
-        try:
-            latest, camera, channels, phrases = self._parse_render_request(request)
+        def answer(reconstructor: Reconstructor) -> str:
+            latest, camera, channels, phrases = self._parse_render_request(request, reconstructor)
             try:
-                rendered = self._reconstructor.render(
+                rendered = reconstructor.render(
                     latest.result, camera.T_left_camera, camera.K, (camera.width, camera.height),
                     channels=[c for c in channels if c in RENDER_CHANNELS], phrases=phrases or None)
             except (ValueError, RuntimeError) as exc:
                 raise RenderRefused(f'{type(exc).__name__}: {exc}') from exc
             self._fill_render_response(response, latest, rendered, channels)
-        except RenderRefused as exc:
-            self._count('renders_refused')
-            self._warnings.warning('render_refused', f'~/render refused: {exc}')
-            return RenderView.Response(success=False, message=str(exc))
-        except Exception as exc:  # noqa: BLE001 - a failed render must not stop the executor
-            self._count('renders_failed')
-            self.get_logger().error(f'~/render failed: {type(exc).__name__}: {exc}')
-            return RenderView.Response(success=False, message=f'render failed: {type(exc).__name__}: {exc}')
-        response.message = (f'{", ".join(channels)} at {camera.width}x{camera.height} of the reconstruction at '
-                            f'{latest.stamp_ns * 1e-9:.6f} s in {time.perf_counter() - started:.2f} s')
-        return response
+            return (f'{", ".join(channels)} at {camera.width}x{camera.height} of the reconstruction at '
+                    f'{latest.stamp_ns * 1e-9:.6f} s')
+        return self._answer_service(RENDER, response, answer)
 
-    def _parse_render_request(self, request: RenderView.Request) -> tuple[
+    def _parse_render_request(self, request: RenderView.Request, reconstructor: Reconstructor) -> tuple[
             LatestReconstruction, VirtualCamera, tuple[str, ...], tuple[str, ...]]:
         """Check a request: (latest reconstruction, camera, channels, phrases); raises :class:`RenderRefused`."""
-        if not self._reconstructor.semantic:
-            raise RenderRefused(f'lsm_node runs a geometry-only model ({self._reconstructor.weights}): rendering '
+        if not reconstructor.semantic:
+            raise RenderRefused(f'lsm_node runs a geometry-only model ({reconstructor.weights}): rendering '
                                 'needs the semantic Gaussians of the full LSM (set lsm_checkpoint, with '
                                 'dust3r_checkpoint and lseg_checkpoint unless the LSM file names them)')
         try:
@@ -766,10 +1310,7 @@ class LsmNode(Node):
                 raise RenderRefused(f'phrases: {exc}') from exc
         elif request.phrases:
             raise RenderRefused("phrases are for the 'labels' channel, which was not requested")
-        with self._lock:
-            latest = self._latest
-        if latest is None:
-            raise RenderRefused('no reconstruction yet: the first stereo pair is still awaited or being processed')
+        latest = self._latest_reconstruction(RenderRefused)
         model_size = latest.result.size
         size = (width, height) if width else model_size
         if not np.any(K):
@@ -842,22 +1383,39 @@ class LsmNode(Node):
         self.get_logger().info(message)
 
     def statistics(self) -> dict[str, Any]:
-        """Counters: images, pairs, processed, rejected per reason, drops (sync and busy worker), latency."""
+        """Counters: images, pairs, processed, rejected per reason (inference failures included), drops (sync and
+        busy worker, of the current configuration), latency; the lifecycle state, out-of-memory failures, images
+        received while not active (``inactive_drops``), pairs failed in a row and whether the model is on its
+        device (False while unconfigured or offloaded)."""
         with self._lock:
             counts, rejected, latencies = dict(self._counts), dict(self._rejected), list(self._latencies_s)
-        return dict(counts=counts, rejected=rejected, sync_drops=self._synchronizer.drop_counts,
-                    worker=self._worker.stats(),
-                    median_latency_s=float(np.median(latencies)) if latencies else None)
+            inactive_drops, failure_burst = self._inactive_drops, self._failure_burst
+        synchronizer, worker = self._synchronizer, self._worker
+        return dict(counts=counts, rejected=rejected,
+                    sync_drops=synchronizer.drop_counts if synchronizer is not None else dict.fromkeys(
+                        SYNC_DROP_REASONS, 0),
+                    worker=worker.stats() if worker is not None else dict(
+                        submitted=0, processed=0, dropped=0, failed=0, discarded_on_stop=0),
+                    worker_running=worker is not None and worker.running,
+                    median_latency_s=float(np.median(latencies)) if latencies else None,
+                    lifecycle_state=self.lifecycle_state,
+                    out_of_memory=rejected.get(REJECT_OUT_OF_MEMORY, 0),
+                    inactive_drops=inactive_drops,
+                    failed_pairs_in_a_row=failure_burst,
+                    model_on_device=self._reconstructor is not None and not self._offloaded)
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
         """Block until the worker has nothing pending or running (for tests and the demo)."""
-        return self._worker.wait_idle(timeout_s)
+        worker = self._worker
+        return True if worker is None else worker.wait_idle(timeout_s)
 
     def destroy_node(self) -> None:
-        """Stop the worker (after its current pair, at most 30 s) and destroy the node."""
-        worker = getattr(self, '_worker', None)  # absent when the set-up failed early
-        if worker is not None and not worker.stop(timeout_s=30.0):
-            self.get_logger().warning('the inference thread did not stop within 30 s')
+        """Release everything (the worker stops after its current pair, at most 30 s) and destroy the node."""
+        if hasattr(self, '_model_access'):   # absent when the set-up failed early
+            try:
+                self._release_all(drop_injected=True)
+            except Exception as exc:  # noqa: BLE001 - the node is destroyed anyway
+                self.get_logger().error(f'releasing lsm_node failed: {type(exc).__name__}: {exc}')
         super().destroy_node()
 
 
@@ -865,7 +1423,8 @@ def main(args: list[str] | None = None) -> int:
     """Entry point of ``lsm_node`` (``ros2 run lsm_ros lsm_node --ros-args --params-file config/lsm.yaml``).
 
     Network: the environment is respected; only when ROS_AUTOMATIC_DISCOVERY_RANGE is unset does the node stay
-    on localhost (see :func:`lsm_ros.ros.isolation.apply_node_environment_defaults`).
+    on localhost (see :func:`lsm_ros.ros.isolation.apply_node_environment_defaults`). With ``managed:=true`` the
+    node waits for lifecycle transitions.
     """
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
     apply_node_environment_defaults()

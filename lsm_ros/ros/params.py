@@ -9,15 +9,26 @@ Each :class:`~lsm_ros.config.ParameterSpec` becomes a declared parameter with a 
 stops the node with the reason). At runtime, ``ros2 param set`` (or a SetParameters call) is validated with
 ``ParameterSpec.validate`` and refused with the reason; read-only parameters (model files, device,
 resolution) cannot change after start-up.
+
+Atomicity: the effective values are one immutable :class:`ParameterSnapshot` (pipeline and node config together),
+replaced by a single assignment after every accepted change; a reader that takes :attr:`LsmParameters.snapshot`
+once never sees half of a change. Several parameters set in one ``set_parameters_atomically`` call are validated
+together and applied together, or none is (``LsmNode`` routes ``set_parameters`` and the SetParameters service
+through it).
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
+from rcl_interfaces.srv import SetParameters
+from rclpy.exceptions import ParameterNotDeclaredException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.parameter_service import ParameterService
 
 from lsm_ros.config import NodeConfig, ParameterSpec, PipelineConfig, all_parameter_specs, config_from_mapping
 
@@ -27,6 +38,16 @@ _PARAMETER_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAM
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 ConfigListener = Callable[[PipelineConfig, NodeConfig], None]
+
+
+@dataclass(frozen=True)
+class ParameterSnapshot:
+    """The effective values of every parameter at one moment: the pipeline's and the node's config, and a
+    generation number that grows by one with each accepted change."""
+
+    pipeline: PipelineConfig
+    node: NodeConfig
+    generation: int = 0
 
 
 def parameter_descriptor(spec: ParameterSpec) -> ParameterDescriptor:
@@ -67,15 +88,16 @@ class LsmParameters:
     """Declares the parameters on ``node``, holds the current configs and keeps them valid at runtime.
 
     ``pipeline_defaults``/``node_defaults``: the values declared when no override is given (e.g. the
-    config of an injected reconstructor). After construction, :attr:`pipeline` and :attr:`node_config` hold
-    the effective values (overrides applied, validated). ``on_change(pipeline, node_config)`` is called after
-    every accepted runtime change.
+    config of an injected reconstructor). After construction, :attr:`snapshot` (and its parts :attr:`pipeline` and
+    :attr:`node_config`) holds the effective values (overrides applied, validated). ``on_change(pipeline,
+    node_config)`` is called after every accepted runtime change, with the new snapshot already in place.
     """
 
     def __init__(self, node: Node, *, pipeline_defaults: PipelineConfig | None = None,
                  node_defaults: NodeConfig | None = None, on_change: ConfigListener | None = None) -> None:
         self._node = node
         self._on_change = on_change
+        self._apply_lock = threading.RLock()   # concurrent set calls become consecutive snapshots
         defaults = {**dataclasses.asdict(pipeline_defaults or PipelineConfig()),
                     **dataclasses.asdict(node_defaults or NodeConfig())}
         self.specs: dict[str, ParameterSpec] = {spec.name: spec for spec in all_parameter_specs()}
@@ -87,15 +109,26 @@ class LsmParameters:
                              if p.type_ == Parameter.Type.NOT_SET and self.specs[p.name].type is tuple])
         values = {name: node.get_parameter(name).value for name in self.specs}
         try:
-            self.pipeline: PipelineConfig = config_from_mapping(PipelineConfig, values, strict=False)
-            self.node_config: NodeConfig = config_from_mapping(NodeConfig, values, strict=False)
+            self.snapshot = ParameterSnapshot(pipeline=config_from_mapping(PipelineConfig, values, strict=False),
+                                              node=config_from_mapping(NodeConfig, values, strict=False))
         except ValueError as exc:
             raise ValueError(f'invalid lsm_node parameter: {exc}') from exc
-        node.add_on_set_parameters_callback(self._validate)
+        node.add_on_set_parameters_callback(self.check)
         node.add_post_set_parameters_callback(self._apply)
 
-    def _validate(self, parameters: list[Parameter]) -> SetParametersResult:
-        """Accept a runtime change only when every value passes its spec (read-only ones are refused)."""
+    @property
+    def pipeline(self) -> PipelineConfig:
+        """The effective pipeline config (part of :attr:`snapshot`)."""
+        return self.snapshot.pipeline
+
+    @property
+    def node_config(self) -> NodeConfig:
+        """The effective node config (part of :attr:`snapshot`)."""
+        return self.snapshot.node
+
+    def check(self, parameters: list[Parameter]) -> SetParametersResult:
+        """Accept a runtime change only when every value passes its spec (read-only ones are refused); the reason
+        names each refused parameter. Parameters that are not lsm_node's (e.g. use_sim_time) are left to rclpy."""
         reasons = []
         for parameter in parameters:
             spec = self.specs.get(parameter.name)
@@ -113,15 +146,50 @@ class LsmParameters:
         return SetParametersResult(successful=True)
 
     def _apply(self, parameters: list[Parameter]) -> None:
+        """Post-set callback: every parameter of one (atomic) set call becomes part of one new snapshot."""
         changes: dict[str, Any] = {p.name: self.specs[p.name].validate(p.value)
                                    for p in parameters if p.name in self.specs}
         if not changes:
             return
         pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-        self.pipeline = dataclasses.replace(
-            self.pipeline, **{k: v for k, v in changes.items() if k in pipeline_fields})
-        self.node_config = dataclasses.replace(
-            self.node_config, **{k: v for k, v in changes.items() if k not in pipeline_fields})
-        self._node.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}' for k, v in changes.items()))
-        if self._on_change is not None:
-            self._on_change(self.pipeline, self.node_config)
+        with self._apply_lock:
+            old = self.snapshot
+            new = ParameterSnapshot(
+                pipeline=dataclasses.replace(old.pipeline,
+                                             **{k: v for k, v in changes.items() if k in pipeline_fields}),
+                node=dataclasses.replace(old.node, **{k: v for k, v in changes.items() if k not in pipeline_fields}),
+                generation=old.generation + 1)
+            self.snapshot = new
+            self._node.get_logger().info('parameters changed: ' + ', '.join(f'{k}={v!r}'
+                                                                            for k, v in changes.items()))
+            if self._on_change is not None:
+                self._on_change(new.pipeline, new.node)
+
+
+def set_parameters_all_or_nothing(node: Node, parameters: list[Parameter]) -> list[SetParametersResult]:
+    """Set ``parameters`` in one ``node.set_parameters_atomically`` call: one result per parameter, all successful
+    or all refused (the reason says why and that none was set). Raises ParameterNotDeclaredException as rclpy
+    does."""
+    if not parameters:
+        return []
+    result = node.set_parameters_atomically(parameters)
+    if not result.successful and len(parameters) > 1:
+        result = SetParametersResult(successful=False, reason=(
+            f'{result.reason} (all or nothing: none of the {len(parameters)} parameters of this request was set)'))
+    return [result for _ in parameters]
+
+
+class AllOrNothingParameterService(ParameterService):
+    """rclpy's parameter services, except that a SetParameters request (``ros2 param set``, a parameter client, a
+    params file loaded at runtime) is applied all or nothing: rclpy sets its parameters one by one, so one refused
+    value would leave the others applied. It calls ``node.set_parameters_atomically`` (see
+    :func:`set_parameters_all_or_nothing`), which the node may extend."""
+
+    def _set_parameters_callback(self, request: SetParameters.Request,
+                                 response: SetParameters.Response) -> SetParameters.Response:
+        parameters = [Parameter.from_parameter_msg(p) for p in request.parameters]
+        try:
+            response.results = set_parameters_all_or_nothing(self._get_node(), parameters)
+        except ParameterNotDeclaredException as exc:
+            response.results = [SetParametersResult(successful=False, reason=str(exc)) for _ in parameters]
+        return response

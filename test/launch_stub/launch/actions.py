@@ -23,3 +23,19 @@ class OpaqueFunction:
 
     def execute(self, context: Any) -> Any:
         return self.function(context, *self.args, **self.kwargs)
+
+
+class EmitEvent:
+    """Records the event it emits."""
+
+    def __init__(self, *, event: Any, **kwargs: Any) -> None:
+        self.event = event
+        self.kwargs = kwargs
+
+
+class RegisterEventHandler:
+    """Records the handler it registers."""
+
+    def __init__(self, event_handler: Any, **kwargs: Any) -> None:
+        self.event_handler = event_handler
+        self.kwargs = kwargs

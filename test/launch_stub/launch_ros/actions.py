@@ -19,3 +19,14 @@ class Node:
         self.arguments = list(arguments or [])
         self.ros_arguments = list(ros_arguments or [])
         self.kwargs = kwargs
+
+
+class LifecycleNode(Node):
+    """Stand-in of the managed-node action: name and namespace are required, as in the real one."""
+
+    def __init__(self, *, name: str, namespace: str, **kwargs: Any) -> None:
+        super().__init__(name=name, namespace=namespace, **kwargs)
+
+    @property
+    def is_lifecycle_node(self) -> bool:
+        return True

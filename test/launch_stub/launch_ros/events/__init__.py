@@ -1,0 +1,1 @@
+"""Stand-in of ``launch_ros.events`` (tests only)."""
