@@ -191,6 +191,10 @@ class NodeConfig:
     log_throttle_s: float = _param(
         5.0, 'Repeated warnings about bad input are logged at most once per this many seconds.',
         min_value=0.0, max_value=3600.0)
+    diagnostics_period_s: float = _param(
+        1.0, 'Period (seconds) of the health report on /diagnostics (diagnostic_msgs/DiagnosticArray: the statuses '
+        '<node>: inputs, <node>: processing and <node>: model), published in every lifecycle state, unconfigured '
+        'included (a failed configure is reported as model state failed).', min_value=0.1, max_value=60.0)
     managed: bool = _param(
         False, 'Life cycle. false: lsm_node configures and activates itself at start-up. true: it starts '
         'unconfigured and waits for lifecycle transitions (ros2 lifecycle set /lsm/lsm_node configure, then '

@@ -59,7 +59,8 @@ PUBLICATION_DOCS: dict[str, tuple[str, str]] = {
                                                    'pixel'),
     'SEMANTIC_OVERLAY_TOPIC': ('sensor_msgs/Image', 'semantic model: rgb8 label colours over the left model image'),
     'TF_TOPIC': ('tf2_msgs/TFMessage', 'left → right camera (and left → midway view), only with publish_tf'),
-    'DIAGNOSTICS_TOPIC': ('diagnostic_msgs/DiagnosticArray', 'node health at 1 Hz: see Diagnostics'),
+    'DIAGNOSTICS_TOPIC': ('diagnostic_msgs/DiagnosticArray', 'node health every diagnostics_period_s (default 1 s), '
+                                                             'in every lifecycle state: see Diagnostics'),
 }
 SERVICE_DOCS: dict[str, tuple[str, str]] = {
     'QUERY_SERVICE': ('lsm_ros/srv/TextQuery', 'semantic model: masks and scores of text phrases on the latest '
@@ -75,12 +76,15 @@ RENDER_VIEW_DOCS = {
 # Meaning of each rejection reason (keyed by the node's constant name) and synchronizer drop reason.
 REJECTION_DOCS: dict[str, str] = {
     'REJECT_ENCODING': 'an image encoding other than the supported ones (raw transport)',
-    'REJECT_IMAGE_DATA': 'an image whose sizes, step and data disagree, or compressed data that does not decode',
+    'REJECT_IMAGE_DATA': 'an image whose sizes, step and data disagree, compressed data that does not decode, or an '
+                         'image the model\'s pre-processing cannot take: a side under 2 pixels, or so elongated '
+                         'that the resize and crop at the model resolution leave nothing',
     'REJECT_SIZE_MISMATCH': 'left and right images of different sizes',
     'REJECT_NO_CAMERA_INFO': 'no CameraInfo within camera_info_tolerance_s of the pair (use_camera_info)',
     'REJECT_BAD_CAMERA_INFO': 'a CameraInfo without a usable calibration (zero/negative/non-finite focal, no size, '
                               'malformed K or P, another image size)',
-    'REJECT_STALE': 'an image or pair not newer than the last one (a restarted driver or bag: restart lsm_node)',
+    'REJECT_STALE': 'a pair not newer than the last one (a restarted driver or bag: restart lsm_node), counted once '
+                    'per pair: of a late left/right pair only the first image counts, a lone late image counts 1',
     'REJECT_TOO_OLD': 'a pair older than max_input_age_s (node clock)',
     'REJECT_RECONSTRUCTION': 'the network raised on the pair (a burst is logged once, at error level)',
     'REJECT_OUT_OF_MEMORY': 'the network ran out of (CUDA or host) memory; cached CUDA memory is released',
@@ -88,7 +92,7 @@ REJECTION_DOCS: dict[str, str] = {
 SYNC_DROP_DOCS: dict[str, str] = {
     'queue_full': 'its side kept sync_queue_size unpaired images: the partners never came within the tolerance',
     'superseded': 'still unpaired when a newer pair formed',
-    'late': 'stamp not newer than the last pair\'s (also counted as stale_stamp)',
+    'late': 'stamp not newer than the last pair\'s, counted per image (its pair is counted once as stale_stamp)',
     'duplicate_stamp': 'an image with that stamp is already waiting on its side',
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 from pathlib import Path
@@ -105,14 +106,16 @@ def test_the_tables_follow_the_code() -> None:
 
 def test_names_used_in_the_prose_exist() -> None:
     """Parameters set with name:=value, parameter-like names in backticks and lsm-ros commands of the hand-written
-    text are real parameters, launch arguments, reasons, thresholds or commands."""
+    text are real parameters, launch arguments, LsmNode constructor arguments, reasons, thresholds or commands."""
     prose = _prose(DOC.read_text(encoding='utf-8'))
     parameters = {spec.name for spec in all_parameter_specs()}
     launch_arguments = _launch_arguments()
     assert {'namespace', 'managed', 'autostart', 'left_image'} <= launch_arguments
     for name in re.findall(r'(\w+):=', prose):
         assert name in parameters | launch_arguments, name
-    known = (parameters | launch_arguments | OTHER_IDENTIFIERS | set(SYNC_DROP_REASONS)
+    constructor_arguments = set(inspect.signature(lsm.LsmNode.__init__).parameters) - {'self', 'node_kwargs'}
+    assert 'diagnostic_thresholds' in constructor_arguments
+    known = (parameters | launch_arguments | OTHER_IDENTIFIERS | set(SYNC_DROP_REASONS) | constructor_arguments
              | {getattr(lsm, n) for n in vars(lsm) if n.startswith('REJECT_')}
              | {f.name for f in dataclasses.fields(diagnostics.DiagnosticThresholds)})
     for word in re.findall(r'`([^`]+)`', prose):

@@ -77,3 +77,12 @@ def test_node_values_are_validated_and_unknown_keys_refused():
         config_from_mapping(NodeConfig, {'sync_tolerance': 0.1})
     cfg = config_from_mapping(NodeConfig, {'sync_tolerance_s': 1, 'publish_tf': True})
     assert cfg.sync_tolerance_s == 1.0 and isinstance(cfg.sync_tolerance_s, float) and cfg.publish_tf
+
+
+def test_diagnostics_period_is_a_runtime_parameter_within_its_range():
+    spec = {s.name: s for s in parameter_specs(NodeConfig)}['diagnostics_period_s']
+    assert spec.default == 1.0 and spec.type is float and not spec.read_only and '/diagnostics' in spec.description
+    assert spec.validate(0.1) == 0.1 and spec.validate(60) == 60.0
+    for bad, reason in ((0.05, 'below the minimum'), (61.0, 'above the maximum'), (float('inf'), 'finite')):
+        with pytest.raises(ValueError, match=reason):
+            spec.validate(bad)

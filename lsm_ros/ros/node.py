@@ -19,7 +19,13 @@ camera's frame):
 - ``~/left/camera_info``, ``~/right/camera_info``: intrinsics of the depth images (model resolution);
 - ``~/relative_pose`` geometry_msgs/PoseStamped: the right camera in the left frame (only when PnP succeeded);
 - ``~/info`` lsm_ros/ReconstructionInfo: scale, intrinsics source, sizes, timings, active labels (every pair);
-- ``/tf`` left -> right TransformStamped, only when ``publish_tf`` (and the pose succeeded).
+- ``/tf`` left -> right TransformStamped, only when ``publish_tf`` (and the pose succeeded);
+- ``/diagnostics`` diagnostic_msgs/DiagnosticArray every ``diagnostics_period_s``, in every lifecycle state (a plain
+  publisher created before configure): the statuses ``<node>: inputs`` (rate, silence and stamps of each input
+  topic, stereo offset, sync drops), ``<node>: processing`` (processed pairs, latency median/p95, rejections per
+  reason, failures, scale of the last reconstruction) and ``<node>: model`` (lifecycle state, model state
+  unconfigured/loading/ready/failed with the error, weights, device, memory), built by
+  :mod:`lsm_ros.ros.diagnostics`; ``<node>`` is the node's fully qualified name without the leading slash.
 
 With the semantic model (``reconstructor.semantic``: LSM + LSeg), every reconstruction is also labelled with the
 active label set (parameter ``labels``; value i = labels[i]):
@@ -43,12 +49,12 @@ publishes those virtual views after every reconstruction, on the worker thread:
 
 Images are paired by :class:`~lsm_ros.ros.sync.StereoSynchronizer`, checked in the subscription callback and
 reconstructed on one :class:`~lsm_ros.ros.sync.LatestPairWorker` thread: while a pair is being processed only
-the newest waiting pair is kept. A bad pair (sizes, encoding, data, CameraInfo, stale stamp) is logged
-(rate-limited), counted and produces no output; the node keeps running. A pair whose inference raises (an
-exception, or running out of memory: then cached accelerator memory is released) is dropped and counted
-(``reconstruction_failed``, ``out_of_memory``); a burst of such failures is logged once (its first failure, at
-error level) and its end once ('recovered after N failed pairs'); ~/query and ~/render keep answering from the
-last good reconstruction.
+the newest waiting pair is kept. A bad pair (sizes, encoding, data, an image too small for the model's resize
+and crop, CameraInfo, stale stamp) is logged (rate-limited), counted once and produces no output; the node keeps
+running. A pair whose inference raises (an exception, or running out of memory: then cached accelerator memory is
+released) is dropped and counted (``reconstruction_failed``, ``out_of_memory``); a burst of such failures is
+logged once (its first failure, at error level) and its end once ('recovered after N failed pairs'); ~/query and
+~/render keep answering from the last good reconstruction.
 
 Life cycle (a managed node, ``rclpy.lifecycle``): with ``managed:=false`` (default) the node configures and
 activates itself in its constructor; with ``managed:=true`` it starts unconfigured and follows the transitions
@@ -56,7 +62,8 @@ activates itself in its constructor; with ``managed:=true`` it starts unconfigur
 
 - configure: torch threads (``torch_threads``), the model (built from the checkpoint parameters, or the one passed
   to the constructor), publishers, ~/query, ~/render, the worker thread and the subscriptions; a failure (e.g. no
-  checkpoint) is logged with the reason and leaves the node unconfigured;
+  checkpoint) is logged with the reason, reported on /diagnostics (model state failed, with the error) and leaves
+  the node unconfigured;
 - activate: the model back on its device if deactivate moved it, one timed warm-up forward on a synthetic pair at
   the model size, then processing starts;
 - deactivate: processing stops (the pair being reconstructed finishes and is published; later images are counted
@@ -90,9 +97,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import rclpy
 import torch
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from lifecycle_msgs.msg import State
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -110,7 +119,10 @@ from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import (DEPTH_MIN_ALPHA, RENDER_CHANNELS, CameraCalibration, GaussianCloud, Reconstruction,
                               Reconstructor, RenderedView)
-from lsm_ros.ros import conversions
+from lsm_ros.preprocess import plan_crop
+from lsm_ros.ros import conversions, diagnostics
+from lsm_ros.ros.diagnostics import DIAGNOSTICS_TOPIC, DiagnosticThresholds, LatencyMonitor, NodeHealth, \
+    TopicRateMonitor
 from lsm_ros.ros.isolation import apply_node_environment_defaults
 from lsm_ros.ros.params import (AllOrNothingParameterService, LsmParameters, ParameterSnapshot,
                                 set_parameters_all_or_nothing)
@@ -160,6 +172,14 @@ PRODUCT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=R
                          durability=DurabilityPolicy.VOLATILE)
 TF_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                     durability=DurabilityPolicy.VOLATILE)  # as tf2_ros.TransformBroadcaster
+DIAGNOSTICS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)  # as diagnostic_updater
+DIAGNOSTICS_WINDOW_S = 5.0       # input rates and stamps of /diagnostics are taken over this sliding window
+LATENCY_WINDOW = 100             # /diagnostics latency median and p95 are taken over this many recent pairs
+# Smallest image side lsm_ros.preprocess takes (it refuses a side under 2 pixels); an image must also leave a
+# non-empty crop at the model resolution (lsm_ros.preprocess.plan_crop), else it is rejected as bad_image_data.
+MIN_IMAGE_SIDE_PX = 2
+STALE_PARTNER_MEMORY = 16        # late images per side remembered to count a late pair once
 
 # Reasons for which a pair gives no output (counted in LsmNode.statistics()['rejected']).
 REJECT_ENCODING = 'unsupported_encoding'
@@ -287,6 +307,45 @@ def warmup_pair(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return pattern[:, WARMUP_SHIFT_PX:].copy(), pattern[:, :resolution].copy()
 
 
+def model_input_problem(width: int, height: int, resolution: int) -> str | None:
+    """Why an image of ``width`` x ``height`` cannot be pre-processed for the model at ``resolution`` (None: it can):
+    a side under :data:`MIN_IMAGE_SIDE_PX`, or a resize and crop (:func:`lsm_ros.preprocess.plan_crop`) that leaves
+    nothing, e.g. a very elongated image at 512."""
+    if width < MIN_IMAGE_SIDE_PX or height < MIN_IMAGE_SIDE_PX:
+        return (f'{width}x{height} pixels is too small: the model\'s pre-processing needs at least '
+                f'{MIN_IMAGE_SIDE_PX}x{MIN_IMAGE_SIDE_PX} pixels')
+    try:
+        plan_crop((width, height), resolution)   # type: ignore[arg-type]
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def no_baseline_reason(right_info: CameraInfo) -> tuple[str, str]:
+    """(kind, what was seen) for a right CameraInfo that gives no stereo baseline, where ``P[0,3] = -fx*B`` with B >
+    0 is expected. kind: 'zero' (P[0,3] is 0: a monocular or unrectified calibration), 'wrong_sign' (P[0,3] > 0:
+    a negative baseline, e.g. the left camera's info on the right topic or swapped cameras), 'no_projection' (P
+    malformed, all zeros or its fx not positive) or 'not_finite' (P, or B = -P[0,3]/fx, is not finite)."""
+    try:
+        P = np.asarray(right_info.p, dtype=np.float64).reshape(3, 4)
+    except ValueError:
+        return 'no_projection', f'the right CameraInfo has a malformed projection P ({len(right_info.p)} values)'
+    fx, tx = P[0, 0], P[0, 3]
+    if not np.isfinite(P).all():
+        return 'not_finite', f'the right CameraInfo\'s projection P is not finite (P[0,3] = {tx!r})'
+    if fx <= 0:
+        return 'no_projection', (f'the right CameraInfo has no rectified projection P (P[0,0] = fx = {fx:g}), so no '
+                                 'stereo baseline (P[0,3] = -fx*B)')
+    if tx == 0:
+        return 'zero', 'the right CameraInfo has no stereo baseline (P[0,3] = -fx*B is 0)'
+    if tx < 0:
+        return 'not_finite', (f'the right CameraInfo\'s baseline B = -P[0,3]/fx = {-tx:g}/{fx:g} is not a finite '
+                              'number')
+    return 'wrong_sign', (f'the right CameraInfo has P[0,3] = {tx:g} > 0, which is a negative baseline B = -P[0,3]/fx '
+                          f'= {-tx / fx:g} (the right camera of a stereo pair has P[0,3] = -fx*B < 0: is the left '
+                          'camera\'s CameraInfo on the right topic, or are the cameras swapped?); it is not used')
+
+
 class InputRejected(ValueError):
     """A pair that cannot be reconstructed; ``reason`` is one of the REJECT_* keys."""
 
@@ -387,25 +446,39 @@ class LsmNode(LifecycleNode):
     next configure takes it again); None: built from the checkpoint parameters at configure. ``node_kwargs`` go to
     ``rclpy.node.Node`` (context, namespace, parameter_overrides, cli_args, ...). With ``managed`` false (default)
     the constructor configures and activates the node and raises the reason when either fails.
+    ``diagnostic_thresholds``: when a /diagnostics finding becomes a warning or an error (default
+    :class:`~lsm_ros.ros.diagnostics.DiagnosticThresholds`).
     """
 
-    def __init__(self, reconstructor: Reconstructor | None = None, **node_kwargs: Any) -> None:
+    def __init__(self, reconstructor: Reconstructor | None = None, *,
+                 diagnostic_thresholds: DiagnosticThresholds | None = None, **node_kwargs: Any) -> None:
         start_parameter_services = node_kwargs.pop('start_parameter_services', True)
         super().__init__(NODE_NAME, start_parameter_services=False, **node_kwargs)
         if start_parameter_services:   # SetParameters requests all or nothing (rclpy sets one parameter at a time)
             self._parameter_service = AllOrNothingParameterService(self)
         try:
-            self._set_up(reconstructor)
+            self._set_up(reconstructor, diagnostic_thresholds or DiagnosticThresholds())
         except BaseException:
             self.destroy_node()
             raise
 
-    def _set_up(self, reconstructor: Reconstructor | None) -> None:
+    def _set_up(self, reconstructor: Reconstructor | None, thresholds: DiagnosticThresholds) -> None:
         self._lock = threading.Lock()
         self._config_lock = threading.Lock()        # reconstructor.config vs. runtime parameter changes
         self._rejected: collections.Counter[str] = collections.Counter()
         self._counts: collections.Counter[str] = collections.Counter()
-        self._latencies_s: collections.deque[float] = collections.deque(maxlen=100)
+        self._latency_monitor = LatencyMonitor(window=LATENCY_WINDOW)
+        self._topic_monitor = TopicRateMonitor(window_s=DIAGNOSTICS_WINDOW_S)
+        self.diagnostic_thresholds = thresholds
+        self._model_state = diagnostics.MODEL_UNCONFIGURED   # model load state reported on /diagnostics
+        self._model_error = ''                      # why the last configure failed (model state 'failed')
+        self._loading_weights = ''                  # what is being loaded (model state 'loading')
+        self._last_scale: tuple[str, str, float | None] = (diagnostics.SCALE_UNKNOWN, '', None)  # of the last
+        #                                             published reconstruction: scale, scale source, baseline (m)
+        self._previous_health: NodeHealth | None = None
+        # late images counted as a stale pair whose partner (the other side's late image) has not come yet
+        self._stale_unpaired: dict[Side, collections.deque[int]] = {
+            side: collections.deque(maxlen=STALE_PARTNER_MEMORY) for side in ('left', 'right')}
         self._last_accepted_stamp_ns: int | None = None
         self._once: set[str] = set()
         self._injected = reconstructor
@@ -434,6 +507,14 @@ class LsmNode(LifecycleNode):
         self._lsm_params = LsmParameters(self, pipeline_defaults=reconstructor.config if reconstructor else None,
                                          on_change=self._on_config_change)
         self._warnings = RateLimitedLog(self.get_logger(), self._lsm_params.node_config.log_throttle_s)
+        # /diagnostics: a plain publisher and a timer in a callback group of their own, so the health is reported in
+        # every lifecycle state (a failed configure included) and never waits for image callbacks, services or
+        # transitions; the timer runs on the steady clock: with use_sim_time it goes on when the bag stops
+        self._diagnostics_publisher = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, DIAGNOSTICS_QOS)
+        self._diagnostics_timer = self.create_timer(self._lsm_params.node_config.diagnostics_period_s,
+                                                    self._on_diagnostics_timer,
+                                                    callback_group=MutuallyExclusiveCallbackGroup(),
+                                                    clock=Clock(clock_type=ClockType.STEADY_TIME))
         if self._lsm_params.node_config.managed:
             self.get_logger().info(f'lsm_node is managed: unconfigured, waiting for `ros2 lifecycle set '
                                    f'{self.get_fully_qualified_name()} configure` (then activate)')
@@ -503,6 +584,7 @@ class LsmNode(LifecycleNode):
         """Threads, model, publishers, services, worker and subscriptions (all released again on failure)."""
         settings = self._lsm_params.snapshot
         cfg = settings.node
+        self._set_model_state(diagnostics.MODEL_LOADING, weights=self._weights_to_load(settings.pipeline))
         self._apply_torch_threads(cfg.torch_threads)
         try:
             if self._injected is not None:
@@ -535,10 +617,25 @@ class LsmNode(LifecycleNode):
                                             log_interval_s=cfg.log_throttle_s).start()
             self._create_subscriptions(cfg.image_transport)
             self._model_access.open()
-        except BaseException:
+        except BaseException as exc:
             self._release_all()
+            self._set_model_state(diagnostics.MODEL_FAILED, error=f'{type(exc).__name__}: {exc}')
             raise
+        self._set_model_state(diagnostics.MODEL_READY)
         self._announce()
+
+    def _weights_to_load(self, pipeline: PipelineConfig) -> str:
+        """What configure is about to load: the injected model's weights, else the checkpoint parameters."""
+        if self._injected is not None:
+            return self._injected.weights
+        files = [f'{name}={getattr(pipeline, name)}' for name in ('lsm_checkpoint', 'dust3r_checkpoint',
+                                                                    'lseg_checkpoint') if getattr(pipeline, name)]
+        return ', '.join(files) or 'no checkpoint configured'
+
+    def _set_model_state(self, state: str, *, weights: str = '', error: str = '') -> None:
+        """The model load state reported on /diagnostics (``error``: why loading failed)."""
+        with self._lock:
+            self._model_state, self._model_error, self._loading_weights = state, error, weights
 
     def _activate(self, state: LifecycleState) -> None:
         """Model back on its device, one timed warm-up forward, publishers enabled, processing on."""
@@ -647,6 +744,12 @@ class LsmNode(LifecycleNode):
         if self._synchronizer is not None:
             self._synchronizer.reset()
         self._camera_infos = None
+        self._topic_monitor.forget()      # the subscriptions are gone; configure watches the topics again
+        with self._lock:
+            self._last_scale = (diagnostics.SCALE_UNKNOWN, '', None)
+            for unpaired in self._stale_unpaired.values():
+                unpaired.clear()
+        self._set_model_state(diagnostics.MODEL_UNCONFIGURED)
         self._restore_torch_threads()
 
     def _configured_reconstructor(self) -> Reconstructor:
@@ -720,6 +823,11 @@ class LsmNode(LifecycleNode):
         self._warnings.interval_s = node_config.log_throttle_s
         if self._synchronizer is not None and self._sync_settings(node_config) != self._synchronizer_settings:
             self._synchronizer = self._make_synchronizer(node_config)  # queued images are forgotten
+        period_ns = round(node_config.diagnostics_period_s * 1e9)
+        if self._diagnostics_timer.timer_period_ns != period_ns:
+            self._diagnostics_timer.timer_period_ns = period_ns
+            self._diagnostics_timer.reset()   # the next report one new period from now (not one old period)
+        self._watch_camera_infos(node_config.use_camera_info)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_reconstructor(self, pipeline: PipelineConfig) -> Reconstructor:
@@ -781,8 +889,21 @@ class LsmNode(LifecycleNode):
             self._subscriptions_created.append(subscription)
             self._input_topics[side] = subscription.topic_name
         for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
-            self._subscriptions_created.append(self.create_subscription(
-                CameraInfo, topic, self._camera_info_callback(side), qos_profile_sensor_data))
+            subscription = self.create_subscription(CameraInfo, topic, self._camera_info_callback(side),
+                                                    qos_profile_sensor_data)
+            self._subscriptions_created.append(subscription)
+            self._input_topics[f'{side}_info'] = subscription.topic_name
+        for side in ('left', 'right'):
+            self._topic_monitor.watch(self._input_topics[side], required=True)
+        self._watch_camera_infos(self._lsm_params.node_config.use_camera_info)
+
+    def _watch_camera_infos(self, required: bool) -> None:
+        """Follow the CameraInfo topics on /diagnostics: required with ``use_camera_info`` (else a silent one is no
+        problem)."""
+        for key in ('left_info', 'right_info'):
+            topic = self._input_topics.get(key)
+            if topic is not None:
+                self._topic_monitor.watch(topic, required=required)
 
     def _announce(self) -> None:
         rec, cfg, logger = self._configured_reconstructor(), self._lsm_params.node_config, self.get_logger()
@@ -812,7 +933,11 @@ class LsmNode(LifecycleNode):
 
     def input_image_topic_names(self) -> dict[str, str]:
         """Fully resolved image topics subscribed to, {'left': ..., 'right': ...} (empty while unconfigured)."""
-        return dict(self._input_topics)
+        return {side: topic for side, topic in self._input_topics.items() if side in ('left', 'right')}
+
+    def input_camera_info_topic_names(self) -> dict[str, str]:
+        """Fully resolved CameraInfo topics subscribed to, {'left': ..., 'right': ...} (empty while unconfigured)."""
+        return {key[:-len('_info')]: topic for key, topic in self._input_topics.items() if key.endswith('_info')}
 
     def query_service_name(self) -> str:
         """Fully resolved name of the ~/query service."""
@@ -850,6 +975,10 @@ class LsmNode(LifecycleNode):
     def _image_callback(self, side: Side) -> Callable[[Image | CompressedImage], None]:
         def on_image(msg: Image | CompressedImage) -> None:
             self._count(f'{side}_images')
+            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
+            topic = self._input_topics.get(side)
+            if topic is not None:
+                self._topic_monitor.record(topic, stamp_ns)
             synchronizer = self._synchronizer
             if not self._processing or synchronizer is None:
                 with self._lock:
@@ -857,9 +986,8 @@ class LsmNode(LifecycleNode):
                 self._info_once('inactive_images', f'images arrive while lsm_node is {self.lifecycle_state}: they '
                                 'are counted (statistics inactive_drops), not processed')
                 return
-            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
             result = synchronizer.add(side, stamp_ns, ReceivedImage(msg, time.monotonic()))
-            if result.rejected == DROP_LATE:
+            if result.rejected == DROP_LATE and self._new_stale_pair(side, stamp_ns, synchronizer.tolerance_ns):
                 self._reject(REJECT_STALE, f'{side} image stamp {stamp_ns * 1e-9:.6f} s is not newer than the last '
                              'paired stamp: dropped (a restarted source or bag needs a restart of lsm_node)')
             elif result.rejected == DROP_DUPLICATE:
@@ -872,10 +1000,28 @@ class LsmNode(LifecycleNode):
     def _camera_info_callback(self, side: Side) -> Callable[[CameraInfo], None]:
         def on_camera_info(msg: CameraInfo) -> None:
             self._count(f'{side}_camera_infos')
+            stamp_ns = conversions.stamp_to_nanoseconds(msg.header.stamp)
+            topic = self._input_topics.get(f'{side}_info')
+            if topic is not None:
+                self._topic_monitor.record(topic, stamp_ns)
             cache = self._camera_infos
             if cache is not None:
-                cache.update(side, conversions.stamp_to_nanoseconds(msg.header.stamp), msg)
+                cache.update(side, stamp_ns, msg)
         return on_camera_info
+
+    def _new_stale_pair(self, side: Side, stamp_ns: int, tolerance_ns: int) -> bool:
+        """A late image (not newer than the last pair): True when it is a new stale pair to count, False when it is
+        the partner (stamp within ``tolerance_ns``, the synchronizer's) of the other side's late image counted
+        already. So ``rejected['stale_stamp']`` counts a late pair once, and a lone late image once."""
+        other: Side = 'right' if side == 'left' else 'left'
+        with self._lock:
+            waiting = self._stale_unpaired[other]
+            partners = [s for s in waiting if abs(s - stamp_ns) <= tolerance_ns]
+            if partners:
+                waiting.remove(min(partners, key=lambda s: abs(s - stamp_ns)))
+                return False
+            self._stale_unpaired[side].append(stamp_ns)
+            return True
 
     def _on_pair(self, pair: StereoPair[ReceivedImage]) -> None:
         self._count('pairs')
@@ -916,6 +1062,12 @@ class LsmNode(LifecycleNode):
         left_msg, right_msg = pair.left.msg, pair.right.msg
         arrays = {side: self._decode(side, msg, stamp_text) for side, msg in (('left', left_msg),
                                                                                 ('right', right_msg))}
+        reconstructor = self._reconstructor
+        resolution = reconstructor.config.resolution if reconstructor is not None else settings.pipeline.resolution
+        for side, array in arrays.items():
+            problem = model_input_problem(array.shape[1], array.shape[0], resolution)
+            if problem is not None:
+                raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {problem}: dropped')
         (left_h, left_w), (right_h, right_w) = arrays['left'].shape[:2], arrays['right'].shape[:2]
         if arrays['left'].shape != arrays['right'].shape:
             raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is {left_w}x{left_h}, right '
@@ -974,8 +1126,8 @@ class LsmNode(LifecycleNode):
             raise InputRejected(REJECT_BAD_CAMERA_INFO, f'pair at {stamp_text}: unusable CameraInfo: {exc}. Fix the '
                                 'calibration or set use_camera_info:=false: dropped') from exc
         if calibration.baseline_m is None:
-            self._info_once('no_baseline', 'the right CameraInfo has no stereo baseline (P[0,3] = -fx*B is 0): '
-                            'products are in model units, not metres')
+            kind, seen = no_baseline_reason(infos['right'])
+            self._info_once(f'no_baseline_{kind}', f'{seen}: products are in model units, not metres')
         return calibration
 
     def _default_frame(self, side: str, frame: str) -> str:
@@ -1091,9 +1243,11 @@ class LsmNode(LifecycleNode):
         latency_s = time.monotonic() - pair.received_s
         info.total_time_s = float(latency_s)
         self._publish(INFO_TOPIC, lambda: info)
+        self._latency_monitor.record(max(latency_s, 0.0))
+        scale = diagnostics.SCALE_METRIC if result.metric_scale else diagnostics.SCALE_MODEL_UNITS
         with self._lock:
             self._counts['processed'] += 1
-            self._latencies_s.append(latency_s)
+            self._last_scale = (scale, result.scale_source, baseline or None)
         if cfg.render_views and result.gaussians is not None:
             self._publish_render_views(pair, result, cfg.render_views, reconstructor)
 
@@ -1386,10 +1540,17 @@ class LsmNode(LifecycleNode):
         """Counters: images, pairs, processed, rejected per reason (inference failures included), drops (sync and
         busy worker, of the current configuration), latency; the lifecycle state, out-of-memory failures, images
         received while not active (``inactive_drops``), pairs failed in a row and whether the model is on its
-        device (False while unconfigured or offloaded)."""
+        device (False while unconfigured or offloaded). Never waits for the inference thread.
+
+        ``rejected`` counts pairs, each once, under the first reason found. ``stale_stamp`` in particular: a pair
+        formed but not newer than the last processed one counts 1; images the synchronizer drops as late (stamp
+        not newer than the last pair's; each also in ``sync_drops['late']``) count 1 per late pair, the first
+        image of it (its partner, the other side's late image within the sync tolerance, is not counted again),
+        and 1 for a lone late image. ``counts['diagnostics_failures']``: /diagnostics reports that failed."""
         with self._lock:
-            counts, rejected, latencies = dict(self._counts), dict(self._rejected), list(self._latencies_s)
+            counts, rejected = dict(self._counts), dict(self._rejected)
             inactive_drops, failure_burst = self._inactive_drops, self._failure_burst
+        latency = self._latency_monitor.stats()
         synchronizer, worker = self._synchronizer, self._worker
         return dict(counts=counts, rejected=rejected,
                     sync_drops=synchronizer.drop_counts if synchronizer is not None else dict.fromkeys(
@@ -1397,12 +1558,66 @@ class LsmNode(LifecycleNode):
                     worker=worker.stats() if worker is not None else dict(
                         submitted=0, processed=0, dropped=0, failed=0, discarded_on_stop=0),
                     worker_running=worker is not None and worker.running,
-                    median_latency_s=float(np.median(latencies)) if latencies else None,
+                    median_latency_s=latency.median_s,
                     lifecycle_state=self.lifecycle_state,
                     out_of_memory=rejected.get(REJECT_OUT_OF_MEMORY, 0),
                     inactive_drops=inactive_drops,
                     failed_pairs_in_a_row=failure_burst,
                     model_on_device=self._reconstructor is not None and not self._offloaded)
+
+    # ------------------------------------------------------------------------------------------ diagnostics
+    @property
+    def diagnostics_name(self) -> str:
+        """Prefix of the /diagnostics status names: the fully qualified node name without the leading slash
+        ('lsm/lsm_node'; 'lsm_node' in the root namespace), so that several lsm_nodes stay apart."""
+        return self.get_fully_qualified_name().lstrip('/')
+
+    def health(self, now_s: float | None = None) -> NodeHealth:
+        """The node's health now (what /diagnostics reports), from :meth:`statistics`, the input and latency
+        monitors and the model; ``now_s``: monotonic time (default now). Takes the node's lock briefly and never
+        waits for the inference thread."""
+        now = time.monotonic() if now_s is None else now_s
+        statistics = self.statistics()
+        cfg = self._lsm_params.node_config
+        with self._lock:
+            model_state, model_error, loading = self._model_state, self._model_error, self._loading_weights
+            scale, scale_source, baseline_m = self._last_scale
+        reconstructor = self._reconstructor
+        if reconstructor is not None:
+            weights, trained, device = reconstructor.weights, reconstructor.trained_weights, str(reconstructor.device)
+        else:
+            weights, trained, device = loading, None, ''
+        images = self.input_image_topic_names()
+        return diagnostics.health_from_statistics(
+            statistics, time_s=now, monitor=self._topic_monitor, latency=self._latency_monitor,
+            image_topics=(images['left'], images['right']) if len(images) == 2 else None,
+            node_name=self.diagnostics_name, model_state=model_state, model_error=model_error, weights=weights,
+            trained_weights=trained, device=device, memory=diagnostics.memory_stats(device),
+            sync_tolerance_s=cfg.sync_tolerance_s if cfg.approximate_sync else 0.0,
+            scale=scale, scale_source=scale_source, baseline_m=baseline_m)
+
+    def publish_diagnostics(self) -> DiagnosticArray:
+        """Build and publish one /diagnostics report (the statuses of :meth:`health`, against the last report);
+        returns it. Raises what building or publishing raises (the timer counts and logs it)."""
+        health = self.health()
+        array = diagnostics.build_diagnostic_array(health, previous=self._previous_health,
+                                                   thresholds=self.diagnostic_thresholds,
+                                                   stamp=self.get_clock().now().to_msg())
+        self._diagnostics_publisher.publish(array)
+        self._previous_health = health
+        return array
+
+    def _on_diagnostics_timer(self) -> None:
+        """Timer callback: publish a report; never raises (a failure is counted and logged, rate-limited)."""
+        try:
+            self.publish_diagnostics()
+        except Exception as exc:  # noqa: BLE001 - the health report must not take the executor down
+            try:
+                self._count('diagnostics_failures')
+                self._warnings.warning('diagnostics_failed', f'/diagnostics report failed: {type(exc).__name__}: '
+                                       f'{exc}')
+            except Exception:  # noqa: BLE001 - e.g. the logger is gone during shutdown: nothing more to do
+                return
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
         """Block until the worker has nothing pending or running (for tests and the demo)."""
@@ -1432,7 +1647,7 @@ def main(args: list[str] | None = None) -> int:
     node = None
     try:
         node = LsmNode()
-        executor = MultiThreadedExecutor(num_threads=3)  # image callbacks, a query and a render at once
+        executor = MultiThreadedExecutor(num_threads=4)  # image callbacks, a query, a render and /diagnostics
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
