@@ -18,7 +18,6 @@ and ``max_other_cores`` repeats the pairs measured under load.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import platform
@@ -646,255 +645,81 @@ def run_ros_bench(reconstructor: Reconstructor, *, rate_hz: float, duration_s: f
     """Stream calibrated stereo pairs (the synthetic rig of :mod:`lsm_ros.ros.synthetic`, CameraInfo with the
     baseline) into an in-process ``lsm_node`` at ``rate_hz`` for ``duration_s``, after one warm-up pair.
 
-    The publisher is a process of its own, as a camera driver would be (:class:`_PublisherProcess`): it shares
-    the CPU with the node, not its interpreter. Each pair's latency runs from just before its images are published
-    (``time.monotonic``, one clock for both processes) to the arrival of its last product
-    (``~/points``, both depths and model camera infos, ``~/info``, and with the semantic model the label image
-    and overlay; ``~/relative_pose`` is left out: it exists only when PnP succeeds). Returns
+    The publisher is a process of its own, as a camera driver would be
+    (:class:`~lsm_ros.ros.load_test.StereoPublisherProcess`): it shares the CPU with the node, not its interpreter.
+    The node and the product collector spin in a :class:`~lsm_ros.ros.graph.RosGraph`. Each pair's latency runs
+    from just before its images are published (``time.monotonic``, one clock for both processes) to the arrival of
+    its last product (``~/points``, both depths and model camera infos, ``~/info``, and with the semantic model the
+    label image and overlay; ``~/relative_pose`` is left out: it exists only when PnP succeeds). Returns
     :meth:`RosBenchResult.to_dict` plus the isolation environment used. ``max_other_cores``: wait until other
     processes keep at most that many cores busy (:func:`wait_for_quiet`) before streaming.
     """
     if rate_hz <= 0 or duration_s <= 0:
         raise ValueError(f'rate and duration must be positive, got {rate_hz} Hz for {duration_s} s')
     environment = apply_ros_isolation()
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-
+    from lsm_ros.ros.graph import RosGraph, wait_until
+    from lsm_ros.ros.load_test import (StereoPublisherProcess, remap_arguments, statistics_difference,
+                                       stereo_input_topics)
     from lsm_ros.ros.node import RELATIVE_POSE_TOPIC, LsmNode
 
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    spin_thread = threading.Thread(target=executor.spin, name='lsm_bench_executor', daemon=True)
-    nodes: list[Any] = []
-    publisher: _PublisherProcess | None = None
-    try:
-        cli_args = ['--ros-args'] + [arg for topic, target in _INPUT_REMAPS.items()
-                                     for arg in ('-r', f'{topic}:={target}')]
-        lsm_node = LsmNode(reconstructor, context=context, namespace='lsm_bench', cli_args=cli_args,
-                           use_global_arguments=False)
-        nodes.append(lsm_node)
-        product_topics = {key: topic for key, topic in lsm_node.output_topic_names().items()
-                          if key != RELATIVE_POSE_TOPIC}
-        collector = _ProductTimes(context, product_topics)
-        nodes.append(collector.node)
-        publisher = _PublisherProcess()
-        for node in nodes:
-            executor.add_node(node)
-        spin_thread.start()
-        if not _wait(lambda: publisher.call('connected') and collector.connected(), 30.0, interval_s=0.1):
-            raise RuntimeError('lsm_node, the stereo publisher and the product collector did not discover each other '
-                               'within 30 s')
-        _log.info('ROS bench: ROS_DOMAIN_ID=%s (localhost only), warm-up pair', environment['ROS_DOMAIN_ID'])
-        publisher.call('publish_infos', time.time_ns())
-        time.sleep(0.2)                                   # CameraInfo precedes the first images
-        warmup_stamp, warmup_sent = publisher.call('publish_pair')
-        if not _wait(lambda: collector.complete_time(warmup_stamp) is not None, warmup_timeout_s):
-            raise RuntimeError(f'no products for the warm-up pair within {warmup_timeout_s:.0f} s: '
-                               f'{lsm_node.statistics()}')
-        warmup_latency_s = collector.complete_time(warmup_stamp) - warmup_sent
-        lsm_node.wait_idle(warmup_timeout_s)
-        rss_after_warmup = current_rss_bytes()
-        before = lsm_node.statistics()
-
-        if max_other_cores is not None:
-            wait_for_quiet(max_other_cores)
-        _log.info('ROS bench: streaming at %.1f Hz for %.1f s', rate_hz, duration_s)
-        publisher.call('publish_infos', time.time_ns())
-        time.sleep(0.1)                                   # fresh CameraInfo before the stream's first images
-        cpu = CpuSnapshot.now(publisher.pid)
-        sent = publisher.call('stream', rate_hz, duration_s, timeout_s=duration_s + 60.0)
-        lsm_node.wait_idle(drain_timeout_s)
-        last_stamp = max(sent)
-        _wait(lambda: any(collector.complete_time(s) is not None for s in sent if s >= last_stamp), 5.0)
-        time.sleep(0.5)                                   # the last products of every topic settle
-        rss_after_stream = current_rss_bytes()
-        other_cores = cpu.other_processes_cores()
-        after = lsm_node.statistics()
-        done = sorted((stamp, collector.complete_time(stamp)) for stamp in sent)
-        done = [(stamp, complete) for stamp, complete in done if complete is not None]
-        result = RosBenchResult(
-            rate_hz=rate_hz, duration_s=duration_s, published=len(sent), processed=len(done),
-            latencies_s=[complete - sent[stamp] for stamp, complete in done],
-            completion_times_s=[complete for _, complete in done],
-            node_statistics=_statistics_difference(before, after), products=sorted(product_topics.values()),
-            rss_after_warmup_bytes=rss_after_warmup, rss_after_stream_bytes=rss_after_stream,
-            warmup_latency_s=warmup_latency_s, other_processes_cores=other_cores)
-        return dict(result.to_dict(), ros_environment=environment)
-    finally:
-        if publisher is not None:
-            publisher.close()
-        executor.shutdown(timeout_sec=5.0)
-        for node in reversed(nodes):
-            node.destroy_node()
-        context.try_shutdown()
-        if spin_thread.is_alive():
-            spin_thread.join(5.0)
-
-
-_INPUT_REMAPS = {'left/image_rect': '/lsm_bench/stereo/left/image_rect',
-                 'right/image_rect': '/lsm_bench/stereo/right/image_rect',
-                 'left/camera_info': '/lsm_bench/stereo/left/camera_info',
-                 'right/camera_info': '/lsm_bench/stereo/right/camera_info'}
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
-
-
-def _statistics_difference(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    """The node's counters accumulated between two :meth:`LsmNode.statistics` snapshots (nested dicts)."""
-    def difference(old: Any, new: Any) -> Any:
-        if isinstance(new, Mapping):
-            old = old if isinstance(old, Mapping) else {}
-            return {key: difference(old.get(key), value) for key, value in new.items()}
-        if isinstance(new, (int, float)) and not isinstance(new, bool) and isinstance(old, (int, float)):
-            return new - old
-        return new
-    statistics = difference(before, after)
-    statistics['median_latency_s'] = after.get('median_latency_s')   # a median, not a counter
-    return statistics
-
-
-class _StereoStream:
-    """Publishes the synthetic rig's stereo frames (images and CameraInfo, fresh stamps) on the bench inputs."""
-
-    def __init__(self, context: Any) -> None:
-        from rclpy.node import Node
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import CameraInfo, Image
-
-        from lsm_ros.ros import conversions
-        from lsm_ros.ros.synthetic import LEFT_FRAME, RIGHT_FRAME, StereoRig, render_stereo_frame
-
-        self.node = Node('lsm_bench_stereo_publisher', context=context)
-        self._publishers = {key: self.node.create_publisher(msg_type, _INPUT_REMAPS[topic], qos_profile_sensor_data)
-                            for key, msg_type, topic in (('left_info', CameraInfo, 'left/camera_info'),
-                                                         ('right_info', CameraInfo, 'right/camera_info'),
-                                                         ('left_image', Image, 'left/image_rect'),
-                                                         ('right_image', Image, 'right/image_rect'))}
-        rig = StereoRig()
-        stamp = conversions.nanoseconds_to_stamp(0)
-        self._infos = {side: conversions.model_camera_info(rig.K, rig.width, rig.height,
-                                                           conversions.make_header(stamp, frame),
-                                                           P=rig.projection(side))
-                       for side, frame in (('left', LEFT_FRAME), ('right', RIGHT_FRAME))}
-        self._frames = []
-        for index in range(SYNTHETIC_FRAMES):
-            views = render_stereo_frame(rig, index)
-            self._frames.append({side: conversions.rgb_to_image_msg(views[f'{side}_rgb'],
-                                                                    conversions.make_header(stamp, frame))
-                                 for side, frame in (('left', LEFT_FRAME), ('right', RIGHT_FRAME))})
-        self._count = 0
-        self._last_stamp_ns = 0
-
-    def connected(self) -> bool:
-        return all(p.get_subscription_count() > 0 for p in self._publishers.values())
-
-    def _stamped(self, message: Any, stamp_ns: int) -> Any:
-        from lsm_ros.ros.conversions import nanoseconds_to_stamp
-        message = copy.copy(message)
-        message.header = copy.copy(message.header)
-        message.header.stamp = nanoseconds_to_stamp(stamp_ns)
-        return message
-
-    def publish_infos(self, stamp_ns: int) -> None:
-        for side in ('left', 'right'):
-            self._publishers[f'{side}_info'].publish(self._stamped(self._infos[side], stamp_ns))
-
-    def publish_pair(self) -> tuple[int, float]:
-        """CameraInfo, then both images of the next frame, stamped now (strictly increasing); returns
-        (stamp_ns, monotonic time just before the images were published)."""
-        stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1000)
-        self._last_stamp_ns = stamp_ns
-        frame = self._frames[self._count % len(self._frames)]
-        self._count += 1
-        self.publish_infos(stamp_ns)
-        sent = time.monotonic()
-        for side in ('left', 'right'):
-            self._publishers[f'{side}_image'].publish(self._stamped(frame[side], stamp_ns))
-        return stamp_ns, sent
-
-    def stream(self, rate_hz: float, duration_s: float) -> dict[int, float]:
-        """Publish pairs on a fixed schedule of ``rate_hz`` for ``duration_s``; {stamp_ns: sent time}."""
-        sent: dict[int, float] = {}
-        period = 1.0 / rate_hz
-        start = time.monotonic()
-        for tick in range(max(1, round(duration_s * rate_hz))):
-            delay = start + tick * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            stamp_ns, sent_s = self.publish_pair()
-            sent[stamp_ns] = sent_s
-        return sent
-
-
-def _serve_stereo_stream(connection: Any) -> None:
-    """Body of :class:`_PublisherProcess`: a :class:`_StereoStream` on a context of its own, answering
-    ``(method, args)`` requests with the method's result (or the text of its exception) until ``None``."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    stream = _StereoStream(context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(stream.node)
-    threading.Thread(target=executor.spin, name='lsm_bench_publisher_executor', daemon=True).start()
-    try:
-        for method, args in iter(connection.recv, None):
-            try:
-                connection.send(getattr(stream, method)(*args))
-            except Exception as exc:  # noqa: BLE001 - reported to the bench, which raises it
-                connection.send(RuntimeError(f'publisher {method}: {type(exc).__name__}: {exc}'))
-    finally:
-        executor.shutdown(timeout_sec=5.0)
-        stream.node.destroy_node()
-        context.try_shutdown()
-
-
-class _PublisherProcess:
-    """The stereo stream in a child process (spawned; it inherits the loopback-only environment)."""
-
-    def __init__(self) -> None:
-        import multiprocessing
-        spawn = multiprocessing.get_context('spawn')
-        self._connection, child_end = spawn.Pipe()
-        self._process = spawn.Process(target=_serve_stereo_stream, args=(child_end,), name='lsm_bench_publisher',
-                                      daemon=True)
-        self._process.start()
-        child_end.close()
-
-    @property
-    def pid(self) -> int:
-        return int(self._process.pid)
-
-    def call(self, method: str, *args: Any, timeout_s: float = 60.0) -> Any:
-        """Run ``_StereoStream.<method>(*args)`` in the child; its result."""
-        self._connection.send((method, args))
-        if not self._connection.poll(timeout_s):
-            raise RuntimeError(f'the publisher process did not answer {method} within {timeout_s:.0f} s')
-        reply = self._connection.recv()
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    def close(self) -> None:
-        """Stop the child (asked, then terminated after 10 s)."""
+    topics = stereo_input_topics(BENCH_STEREO_PREFIX)
+    publisher: StereoPublisherProcess | None = None
+    with RosGraph(name='lsm_bench') as graph:
         try:
-            self._connection.send(None)
-        except OSError:
-            pass
-        self._process.join(10.0)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        self._connection.close()
+            lsm_node = graph.add(LsmNode(reconstructor, context=graph.context, namespace='lsm_bench',
+                                         cli_args=remap_arguments(topics), use_global_arguments=False))
+            product_topics = {key: topic for key, topic in lsm_node.output_topic_names().items()
+                              if key != RELATIVE_POSE_TOPIC}
+            collector = _ProductTimes(graph.context, product_topics)
+            graph.add(collector.node)
+            publisher = StereoPublisherProcess(topics, 'lsm_bench_stereo_publisher')
+            if not wait_until(lambda: publisher.call('connected') and collector.connected(), 30.0, poll_s=0.1):
+                raise RuntimeError('lsm_node, the stereo publisher and the product collector did not discover each '
+                                   'other within 30 s')
+            _log.info('ROS bench: ROS_DOMAIN_ID=%s (localhost only), warm-up pair', environment['ROS_DOMAIN_ID'])
+            publisher.call('publish_infos', time.time_ns())
+            time.sleep(0.2)                                   # CameraInfo precedes the first images
+            warmup_stamp, warmup_sent = publisher.call('publish_pair')
+            if not wait_until(lambda: collector.complete_time(warmup_stamp) is not None, warmup_timeout_s,
+                              poll_s=0.01):
+                raise RuntimeError(f'no products for the warm-up pair within {warmup_timeout_s:.0f} s: '
+                                   f'{lsm_node.statistics()}')
+            warmup_latency_s = collector.complete_time(warmup_stamp) - warmup_sent
+            lsm_node.wait_idle(warmup_timeout_s)
+            rss_after_warmup = current_rss_bytes()
+            before = lsm_node.statistics()
+
+            if max_other_cores is not None:
+                wait_for_quiet(max_other_cores)
+            _log.info('ROS bench: streaming at %.1f Hz for %.1f s', rate_hz, duration_s)
+            publisher.call('publish_infos', time.time_ns())
+            time.sleep(0.1)                                   # fresh CameraInfo before the stream's first images
+            cpu = CpuSnapshot.now(publisher.pid)
+            sent = publisher.call('stream', rate_hz, duration_s, timeout_s=duration_s + 60.0)
+            lsm_node.wait_idle(drain_timeout_s)
+            last_stamp = max(sent)
+            wait_until(lambda: any(collector.complete_time(s) is not None for s in sent if s >= last_stamp), 5.0,
+                       poll_s=0.01)
+            time.sleep(0.5)                                   # the last products of every topic settle
+            rss_after_stream = current_rss_bytes()
+            other_cores = cpu.other_processes_cores()
+            after = lsm_node.statistics()
+        finally:
+            if publisher is not None:
+                publisher.close()
+    done = sorted((stamp, collector.complete_time(stamp)) for stamp in sent)
+    done = [(stamp, complete) for stamp, complete in done if complete is not None]
+    result = RosBenchResult(
+        rate_hz=rate_hz, duration_s=duration_s, published=len(sent), processed=len(done),
+        latencies_s=[complete - sent[stamp] for stamp, complete in done],
+        completion_times_s=[complete for _, complete in done],
+        node_statistics=statistics_difference(before, after), products=sorted(product_topics.values()),
+        rss_after_warmup_bytes=rss_after_warmup, rss_after_stream_bytes=rss_after_stream,
+        warmup_latency_s=warmup_latency_s, other_processes_cores=other_cores)
+    return dict(result.to_dict(), ros_environment=environment)
+
+
+BENCH_STEREO_PREFIX = '/lsm_bench/stereo'
 
 
 class _ProductTimes:

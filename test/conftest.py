@@ -6,10 +6,12 @@ that concurrent sessions differ) and FASTDDS_DEFAULT_PROFILES_FILE=<repo>/config
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,12 +26,15 @@ from lsm_ros.ros.isolation import apply_localhost_only_environment, reserve_doma
 ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id())
 assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
 
+from lsm_ros.ros.graph import RosGraph, wait_until  # noqa: E402,F401 (after the isolation; wait_until for the tests)
+
 # The tiny random DUSt3R of the ROS tests: ~1 s per pair on 2 CPU cores at 224x224. The wide PnP threshold
 # lets the relative pose of random point maps succeed, so every product (pose, /tf) is exercised.
 TINY_NETWORK = dict(enc_embed_dim=32, enc_depth=1, enc_num_heads=2, dec_embed_dim=32, dec_depth=1, dec_num_heads=2,
                     dpt_layer_dims=(8, 16, 32, 64), dpt_feature_dim=16, dpt_last_dim=8)
 TINY_PIPELINE = dict(device='cpu', resolution=224, pose_max_points=512, pose_ransac_iterations=20,
                      pose_reprojection_error_px=100.0)
+TINY_MODEL_IMAGE_SIZE = 64   # side of the random images of the tiny_model tests (a multiple of LSeg's 32)
 EUROC_BAG_RELATIVE = Path('data') / 'euroc_v101_stereo_rosbag2' / 'euroc_v101_stereo_db3'
 
 
@@ -59,6 +64,26 @@ def tiny_lsm_reconstructor() -> Any:
     return Reconstructor.from_config(LsmConfig.tiny(), **TINY_PIPELINE)
 
 
+@pytest.fixture(scope='module')
+def tiny_model() -> Any:
+    """The tiny random LargeSpatialModel (seed 0, eval mode), one per test module."""
+    import torch
+
+    from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig
+    torch.manual_seed(0)
+    return LargeSpatialModel(LsmConfig.tiny()).eval()
+
+
+@pytest.fixture(scope='module')
+def tiny_pair() -> tuple[Any, Any]:
+    """Two random (1, 3, 64, 64) images in [-1, 1] (seed 1): the tiny_model's input pair."""
+    import torch
+    generator = torch.Generator().manual_seed(1)
+    size = TINY_MODEL_IMAGE_SIZE
+    return (torch.rand(1, 3, size, size, generator=generator) * 2 - 1,
+            torch.rand(1, 3, size, size, generator=generator) * 2 - 1)
+
+
 @pytest.fixture(scope='session')
 def stereo_bag(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The EuRoC stereo bag when present, else a small synthetic one with the same topics."""
@@ -81,37 +106,34 @@ def ros_context() -> Iterator[Any]:
         context.try_shutdown()
 
 
-class SpinningExecutor:
-    """A MultiThreadedExecutor spinning its nodes in a background thread; destroys them on close()."""
-
-    def __init__(self, context: Any, num_threads: int = 3) -> None:
-        from rclpy.executors import MultiThreadedExecutor
-        self.executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
-        self.nodes: list[Any] = []
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True, name='test_executor')
-
-    def add(self, node: Any) -> Any:
-        self.nodes.append(node)
-        self.executor.add_node(node)
-        if not self._thread.is_alive():
-            self._thread.start()
-        return node
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=5.0)
-        for node in reversed(self.nodes):
-            node.destroy_node()
-        self._thread.join(5.0)
+# The tests' in-process graph: RosGraph on the module's Context (``SpinningExecutor(ros_context)``; add(), close()).
+SpinningExecutor = RosGraph
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
+@dataclass
+class ReconstructGate:
+    """See :func:`gated_reconstruct`."""
+
+    entered: threading.Event     # set when a pair reached reconstruct
+    release: threading.Event     # set to let it go on
+
+
+@contextlib.contextmanager
+def gated_reconstruct(reconstructor: Any, timeout_s: float = 180.0) -> Iterator[ReconstructGate]:
+    """Hold the inference worker inside ``reconstructor.reconstruct`` (before the network) until ``release`` is set,
+    at the latest on leaving the block or after ``timeout_s``; restores ``reconstruct`` afterwards."""
+    from lsm_ros.ros.load_test import reconstruct_hook
+    gate = ReconstructGate(threading.Event(), threading.Event())
+
+    def hold() -> None:
+        gate.entered.set()
+        gate.release.wait(timeout_s)
+
+    with reconstruct_hook(reconstructor, hold):
+        try:
+            yield gate
+        finally:
+            gate.release.set()
 
 
 STEREO_REMAPS = {'left/image_rect': '/stereo/left/image_rect', 'right/image_rect': '/stereo/right/image_rect',

@@ -95,11 +95,12 @@ def _check_ros_report(ros: dict[str, Any]) -> None:
     service_ms = ros['service_time_ms']
     assert service_ms > 10 * 1e3 / ros['rate_hz'], figures           # inference far slower than the input rate
     # a queue would make the last pair wait for every earlier one (~published x service time); latest-pair-wins
-    # keeps every latency within the pair in flight plus its own: two of the longest times the node took per pair
-    # (the first streamed pair found the node idle: its latency is its own time)
-    longest_ms = max([ros['latencies_ms'][0], *ros['completion_gaps_ms']])
-    assert ros['max_latency_ms'] <= 2 * longest_ms + 1000, figures
-    assert ros['last_latency_ms'] < 0.2 * ros['published'] * service_ms, figures
+    # keeps every latency within the pair in flight plus its own, about two times per pair. (This bound was two of
+    # the longest gaps while rclpy's MultiThreadedExecutor could stall the node for 10 s; RosGraph's executor
+    # does not: lsm_ros/ros/graph.py.)
+    assert ros['max_latency_ms'] <= 3 * service_ms + 1000, figures
+    assert ros['last_latency_ms'] <= 3 * service_ms + 1000, figures
+    assert ros['node_pairs_formed'] >= 0.8 * ros['published'], figures   # the executor kept up with the images
     assert len(ros['latencies_ms']) == ros['processed'] and min(ros['latencies_ms']) > 0, figures
     assert any(topic.endswith('/semantic/labels') for topic in ros['products'])
     assert not any(topic.endswith('/relative_pose') for topic in ros['products'])

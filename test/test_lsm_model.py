@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_IMAGE_SIZE
 
 from lsm_ros.model.checkpoint import CheckpointError, to_official_state_dict
 from lsm_ros.model.gaussian_head import (GaussianHead, GaussianHeadConfig, covariance_matrices,
                                          knn_mean_squared_distance, quaternion_xyzw_to_matrix)
 from lsm_ros.model.lsm import _PTV3_CONFIG_KEYS as PTV3_OFFICIAL_KEYS
-from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig, _our_lsm_key_to_official, merge_points
+from lsm_ros.model.lsm import LargeSpatialModel, _our_lsm_key_to_official, merge_points
 
-SIZE = 64  # image side of the tiny tests (a multiple of LSeg's 32)
+SIZE = TINY_MODEL_IMAGE_SIZE  # image side of the tiny_model tests (conftest's tiny_pair)
 DUST3R_STRING = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
                  "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
                  "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=32, "
@@ -22,23 +23,11 @@ DUST3R_STRING = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='
 
 
 @pytest.fixture(scope='module')
-def tiny_model() -> LargeSpatialModel:
-    torch.manual_seed(0)
-    return LargeSpatialModel(LsmConfig.tiny()).eval()
-
-
-@pytest.fixture(scope='module')
-def pair() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return (torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
-            torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1)
-
-
-@pytest.fixture(scope='module')
-def stages(tiny_model, pair) -> dict:
-    geometry = tiny_model.geometry(*pair)
-    semantics = tiny_model.semantics(*pair)
-    return dict(geometry=geometry, semantics=semantics, gaussians=tiny_model.gaussians(*pair, geometry, semantics))
+def stages(tiny_model, tiny_pair) -> dict:
+    geometry = tiny_model.geometry(*tiny_pair)
+    semantics = tiny_model.semantics(*tiny_pair)
+    gaussians = tiny_model.gaussians(*tiny_pair, geometry, semantics)
+    return dict(geometry=geometry, semantics=semantics, gaussians=gaussians)
 
 
 # ---------------------------------------------------------------------------------------------- Gaussian head
@@ -110,7 +99,7 @@ def test_merge_points_normalises_like_the_official_code() -> None:
     assert torch.equal(color[20:], img2.permute(1, 2, 0).reshape(-1, 3))
 
 
-def test_stage_shapes_and_row_order(tiny_model, pair, stages) -> None:
+def test_stage_shapes_and_row_order(tiny_model, tiny_pair, stages) -> None:
     cfg = tiny_model.config
     geometry, semantics, gaussians = stages['geometry'], stages['semantics'], stages['gaussians']
     n = 2 * SIZE * SIZE
@@ -132,8 +121,8 @@ def test_stage_shapes_and_row_order(tiny_model, pair, stages) -> None:
                                pooled[0].flatten(1).T)
 
 
-def test_batch_is_per_sample(tiny_model, pair, stages) -> None:
-    img1, img2 = (torch.cat([x, x.flip(-1)]) for x in pair)
+def test_batch_is_per_sample(tiny_model, tiny_pair, stages) -> None:
+    img1, img2 = (torch.cat([x, x.flip(-1)]) for x in tiny_pair)
     geometry = tiny_model.geometry(img1, img2)
     semantics = tiny_model.semantics(img1, img2)
     batched = tiny_model.gaussians(img1, img2, geometry, semantics)
@@ -185,16 +174,16 @@ def _official_files(model: LargeSpatialModel, directory: Path, *, extra_lsm: dic
     return config
 
 
-def test_official_files_round_trip(tiny_model, pair, stages, tmp_path) -> None:
+def test_official_files_round_trip(tiny_model, tiny_pair, stages, tmp_path) -> None:
     _official_files(tiny_model, tmp_path)
     # DUSt3R and LSeg are found next to the LSM file (the config's relative paths do not exist)
     loaded = LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'checkpoint-final.pth',
                                                          config=tiny_model.config)
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    geometry = loaded.geometry(*pair)
-    semantics = loaded.semantics(*pair)
-    gaussians = loaded.gaussians(*pair, geometry, semantics)
+    geometry = loaded.geometry(*tiny_pair)
+    semantics = loaded.semantics(*tiny_pair)
+    gaussians = loaded.gaussians(*tiny_pair, geometry, semantics)
     for key in ('means', 'scales', 'rotations', 'features'):  # same weights: equal up to thread-order rounding
         torch.testing.assert_close(gaussians[key], stages['gaussians'][key], rtol=1e-5, atol=1e-6, msg=key)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL_IMAGE_SIZE
 
 from lsm_ros import config as config_module
 from lsm_ros.config import PipelineConfig, config_from_mapping, parameter_specs
@@ -17,22 +18,10 @@ from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig
 from lsm_ros.pipeline import NETWORK_PRECISIONS, Reconstructor
 from lsm_ros.preprocess import preprocess_pair
 
-SIZE = 64  # a multiple of LSeg's 32
+SIZE = TINY_MODEL_IMAGE_SIZE  # image side of the tiny_model tests (conftest's tiny_pair)
 GEOMETRY_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2', 'enc_feat')
 SEMANTIC_KEYS = ('lseg_features', 'lseg_token_feature', 'lseg_res_feature')
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-
-
-@pytest.fixture(scope='module')
-def tiny_model() -> LargeSpatialModel:
-    torch.manual_seed(0)
-    return LargeSpatialModel(LsmConfig.tiny()).eval()
-
-
-@pytest.fixture(scope='module')
-def pair() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return tuple(torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1 for _ in range(2))
 
 
 @pytest.fixture(scope='module')
@@ -66,28 +55,28 @@ def test_unknown_precision_is_refused(value, reason) -> None:
         layers.check_precision(value, 'cpu')
 
 
-def test_fp16_on_the_cpu_is_refused(tiny_model, pair) -> None:
+def test_fp16_on_the_cpu_is_refused(tiny_model, tiny_pair) -> None:
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         Reconstructor.from_config(LsmConfig.tiny(), device='cpu', precision='fp16')
     with pytest.raises(ValueError, match='CUDA'):
-        tiny_model.geometry(*pair, precision='fp16')
+        tiny_model.geometry(*tiny_pair, precision='fp16')
     with pytest.raises(ValueError, match='CUDA'):
-        tiny_model.semantics(*pair, precision='fp16')
+        tiny_model.semantics(*tiny_pair, precision='fp16')
 
 
-def test_fp32_is_bit_exact_also_inside_an_autocast(tiny_model, pair) -> None:
-    geometry, semantics = tiny_model.geometry(*pair), tiny_model.semantics(*pair)
-    gaussians = tiny_model.gaussians(*pair, geometry, semantics)
+def test_fp32_is_bit_exact_also_inside_an_autocast(tiny_model, tiny_pair) -> None:
+    geometry, semantics = tiny_model.geometry(*tiny_pair), tiny_model.semantics(*tiny_pair)
+    gaussians = tiny_model.gaussians(*tiny_pair, geometry, semantics)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        _assert_equal(tiny_model.geometry(*pair, precision='fp32'), geometry, GEOMETRY_KEYS)
-        _assert_equal(tiny_model.semantics(*pair, precision='fp32'), semantics, SEMANTIC_KEYS)
-        _assert_equal(tiny_model.gaussians(*pair, geometry, semantics), gaussians, tuple(gaussians))
-    _assert_equal(tiny_model.dust3r(*pair), geometry, GEOMETRY_KEYS)
+        _assert_equal(tiny_model.geometry(*tiny_pair, precision='fp32'), geometry, GEOMETRY_KEYS)
+        _assert_equal(tiny_model.semantics(*tiny_pair, precision='fp32'), semantics, SEMANTIC_KEYS)
+        _assert_equal(tiny_model.gaussians(*tiny_pair, geometry, semantics), gaussians, tuple(gaussians))
+    _assert_equal(tiny_model.dust3r(*tiny_pair), geometry, GEOMETRY_KEYS)
 
 
-def test_bf16_runs_on_the_cpu_with_float32_outputs(tiny_model, pair) -> None:
-    reference = tiny_model.geometry(*pair), tiny_model.semantics(*pair)
-    reduced = tiny_model.geometry(*pair, precision='bf16'), tiny_model.semantics(*pair, precision='bf16')
+def test_bf16_runs_on_the_cpu_with_float32_outputs(tiny_model, tiny_pair) -> None:
+    reference = tiny_model.geometry(*tiny_pair), tiny_model.semantics(*tiny_pair)
+    reduced = tiny_model.geometry(*tiny_pair, precision='bf16'), tiny_model.semantics(*tiny_pair, precision='bf16')
     for ours, theirs in zip(reduced, reference):
         for key, value in theirs.items():
             assert ours[key].dtype == torch.float32 and ours[key].shape == value.shape, key
@@ -99,7 +88,7 @@ def test_bf16_runs_on_the_cpu_with_float32_outputs(tiny_model, pair) -> None:
     for key in SEMANTIC_KEYS:
         cosine = F.cosine_similarity(reduced[1][key], reference[1][key], dim=-1 if key == 'lseg_token_feature' else 1)
         assert cosine.min() > 0.999, key
-    gaussians = tiny_model.gaussians(*pair, *reduced)
+    gaussians = tiny_model.gaussians(*tiny_pair, *reduced)
     assert all(value.dtype in (torch.float32, torch.int64) for value in gaussians.values())
 
 
@@ -171,13 +160,13 @@ def test_precision_is_a_read_only_ros_parameter_with_choices() -> None:
 
 @CUDA
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
-def test_reduced_precision_on_cuda(tiny_model, pair, precision) -> None:
+def test_reduced_precision_on_cuda(tiny_model, tiny_pair, precision) -> None:
     if precision == 'bf16' and not torch.cuda.is_bf16_supported():
         pytest.skip('this GPU has no bfloat16')
     model = LargeSpatialModel(LsmConfig.tiny()).eval()
     model.load_state_dict(tiny_model.state_dict())
     model = model.cuda()
-    img1, img2 = (image.cuda() for image in pair)
+    img1, img2 = (image.cuda() for image in tiny_pair)
     reference = model.geometry(img1, img2)
     reduced = model.geometry(img1, img2, precision=precision)
     semantics = model.semantics(img1, img2, precision=precision)

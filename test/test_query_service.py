@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import SpinningExecutor, StereoPublisher, make_lsm_node, wait_until
+from conftest import SpinningExecutor, StereoPublisher, gated_reconstruct, make_lsm_node, wait_until
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2, PointField
@@ -250,28 +250,15 @@ def test_query_is_answered_while_the_next_pair_is_reconstructed(graph: SemanticG
     if graph.last_stamp_ns == 0:
         graph.play(stereo_frames[0])
     answered_stamp = graph.last_stamp_ns
-    reconstructor = graph.node.reconstructor
-    reconstruct = reconstructor.reconstruct
-    entered, release = threading.Event(), threading.Event()
-
-    def gated_reconstruct(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(PRODUCTS_TIMEOUT_S)
-        return reconstruct(*args, **kwargs)
-
-    reconstructor.reconstruct = gated_reconstruct      # instance attribute: the worker now waits inside
-    try:
+    with gated_reconstruct(graph.node.reconstructor, PRODUCTS_TIMEOUT_S) as gate:
         next_stamp = graph.publish(stereo_frames[1])
-        assert wait_until(entered.is_set, 60.0), graph.node.statistics()
+        assert wait_until(gate.entered.is_set, 60.0), graph.node.statistics()
         started = time.monotonic()
         response = graph.query(phrases=['chair', 'table'])
         assert response.success, response.message
         assert conversions.stamp_to_nanoseconds(response.stamp) == answered_stamp
-        assert not release.is_set() and time.monotonic() - started < QUERY_TIMEOUT_S
+        assert not gate.release.is_set() and time.monotonic() - started < QUERY_TIMEOUT_S
         assert not graph.by_stamp(lsm.INFO_TOPIC, next_stamp)     # the next pair is still being reconstructed
-    finally:
-        release.set()
-        del reconstructor.reconstruct
     graph.wait_for_products(next_stamp)
     later = graph.query(phrases=['chair', 'table'])
     assert later.success and conversions.stamp_to_nanoseconds(later.stamp) == next_stamp

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import SpinningExecutor, StereoPublisher, make_lsm_node, wait_until
+from conftest import SpinningExecutor, StereoPublisher, gated_reconstruct, make_lsm_node, wait_until
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -351,26 +351,13 @@ def test_render_views_are_published_after_each_reconstruction(graph: RenderGraph
 def test_render_is_answered_while_the_next_pair_is_reconstructed(graph: RenderGraph, products: dict[str, Any],
                                                                  stereo_frames: list[Any]) -> None:
     answered_stamp = graph.last_stamp_ns
-    reconstructor = graph.node.reconstructor
-    reconstruct = reconstructor.reconstruct            # the known-scene wrapper of the graph fixture
-    entered, release = threading.Event(), threading.Event()
-
-    def gated_reconstruct(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(PRODUCTS_TIMEOUT_S)
-        return reconstruct(*args, **kwargs)
-
-    reconstructor.reconstruct = gated_reconstruct      # instance attribute: the worker now waits inside
-    try:
+    with gated_reconstruct(graph.node.reconstructor, PRODUCTS_TIMEOUT_S) as gate:   # around the known-scene wrapper
         next_stamp = graph.publish(stereo_frames[1])
-        assert wait_until(entered.is_set, 60.0), graph.node.statistics()
+        assert wait_until(gate.entered.is_set, 60.0), graph.node.statistics()
         response = graph.render(**SMALL_RENDER)
         assert response.success, response.message
         assert conversions.stamp_to_nanoseconds(response.stamp) == answered_stamp
-        assert not release.is_set() and not graph.by_stamp('info', next_stamp)
-    finally:
-        release.set()
-        reconstructor.reconstruct = reconstruct
+        assert not gate.release.is_set() and not graph.by_stamp('info', next_stamp)
     graph.wait_for_products(next_stamp)
     later = graph.render(**SMALL_RENDER)
     assert later.success and conversions.stamp_to_nanoseconds(later.stamp) == next_stamp

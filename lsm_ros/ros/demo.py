@@ -1,7 +1,7 @@
 """The ROS demo: a stereo bag played into ``lsm_node`` over loopback, every product recorded to files.
 
-One process, one rclpy context, a MultiThreadedExecutor, the localhost-only network forced
-(:mod:`lsm_ros.ros.isolation`):
+One process, one :class:`~lsm_ros.ros.graph.RosGraph` (an rclpy context and a multi-threaded executor), the
+localhost-only network forced (:mod:`lsm_ros.ros.isolation`):
 
     BagPlayer --/stereo/{left,right}/{image_rect,camera_info}--> LsmNode (/lsm/lsm_node) --products--> recorder
 
@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import PoseStamped
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -48,6 +46,7 @@ from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import Reconstructor
 from lsm_ros.ros import conversions
 from lsm_ros.ros.bag_player import BagPlayer, detect_stereo_topics, stereo_playback_tables
+from lsm_ros.ros.graph import RosGraph
 from lsm_ros.ros.isolation import apply_localhost_only_environment
 from lsm_ros.ros.node import (INFO_TOPIC, LEFT_DEPTH_TOPIC, LEFT_IMAGE_TOPIC, LEFT_INFO_TOPIC, LEFT_MODEL_INFO_TOPIC,
                               POINTS_TOPIC, RELATIVE_POSE_TOPIC, RIGHT_DEPTH_TOPIC, RIGHT_IMAGE_TOPIC, RIGHT_INFO_TOPIC,
@@ -323,13 +322,9 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
     _log.info('demo: %s bag %s, %s, ROS_DOMAIN_ID=%s (localhost only)', bag_kind, bag_path,
               'real time' if realtime else 'one pair at a time', environment['ROS_DOMAIN_ID'])
 
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    nodes: list[Node] = []
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    spin_thread = threading.Thread(target=executor.spin, name='lsm_demo_executor', daemon=True)
     started = time.monotonic()
-    try:
+    with RosGraph(name='lsm_demo') as graph:
+        context = graph.context
         overrides = [Parameter('publish_tf', value=publish_tf)]
         overrides += [Parameter(name, value=value) for name, value in (node_parameters or {}).items()]
         input_remaps = {LEFT_IMAGE_TOPIC: remap[stereo_topics.left_image],
@@ -337,17 +332,12 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
                         LEFT_INFO_TOPIC: remap[stereo_topics.left_info],
                         RIGHT_INFO_TOPIC: remap[stereo_topics.right_info]}
         cli_args = ['--ros-args'] + [arg for src, dst in input_remaps.items() for arg in ('-r', f'{src}:={dst}')]
-        lsm_node = LsmNode(reconstructor, context=context, namespace=DEMO_NAMESPACE, cli_args=cli_args,
-                           parameter_overrides=overrides, use_global_arguments=False)
-        nodes.append(lsm_node)
-        recorder = ProductRecorder(out_dir, lsm_node.output_topic_names(), record_tf=publish_tf, context=context)
-        nodes.append(recorder)
-        player = BagPlayer(bag_path, remap=remap, rectify=rectify, rate=rate if realtime else 0.0,
-                           max_pairs=max_pairs, context=context)
-        nodes.append(player)
-        for node in nodes:
-            executor.add_node(node)
-        spin_thread.start()
+        lsm_node = graph.add(LsmNode(reconstructor, context=context, namespace=DEMO_NAMESPACE, cli_args=cli_args,
+                                     parameter_overrides=overrides, use_global_arguments=False))
+        recorder = graph.add(ProductRecorder(out_dir, lsm_node.output_topic_names(), record_tf=publish_tf,
+                                             context=context))
+        player = graph.add(BagPlayer(bag_path, remap=remap, rectify=rectify, rate=rate if realtime else 0.0,
+                                     max_pairs=max_pairs, context=context))
         if not player.wait_for_subscribers(timeout_s=30.0) or not recorder.wait_for(recorder.publishers_matched, 30.0):
             raise RuntimeError('lsm_node, the player and the recorder did not discover each other within 30 s')
 
@@ -391,13 +381,6 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
         _log.info('demo finished: %d of %d pairs reconstructed, files in %s', summary['pairs_reconstructed'],
                   summary['pairs_played'], out_dir)
         return summary
-    finally:
-        executor.shutdown(timeout_sec=5.0)
-        for node in reversed(nodes):
-            node.destroy_node()
-        context.try_shutdown()
-        if spin_thread.is_alive():
-            spin_thread.join(5.0)
 
 
 def _rejections(node: LsmNode) -> int:
