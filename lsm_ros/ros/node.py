@@ -88,6 +88,7 @@ import functools
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -102,7 +103,8 @@ from geometry_msgs.msg import PoseStamped
 from lifecycle_msgs.msg import State
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
+from rclpy.signals import SignalHandlerOptions
 from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -123,6 +125,7 @@ from lsm_ros.preprocess import plan_crop
 from lsm_ros.ros import conversions, diagnostics
 from lsm_ros.ros.diagnostics import DIAGNOSTICS_TOPIC, DiagnosticThresholds, LatencyMonitor, NodeHealth, \
     TopicRateMonitor
+from lsm_ros.ros.graph import SteadyMultiThreadedExecutor
 from lsm_ros.ros.isolation import apply_node_environment_defaults
 from lsm_ros.ros.params import (AllOrNothingParameterService, LsmParameters, ParameterSnapshot,
                                 set_parameters_all_or_nothing)
@@ -1510,6 +1513,9 @@ class LsmNode(LifecycleNode):
         return pca
 
     def _publish(self, topic: str, build: Callable[[], Any]) -> None:
+        if not self.context.ok():   # shutting down (e.g. a signal): the products of a pair in flight are dropped
+            self._count('unpublished_at_shutdown')
+            return
         try:
             self._publishers_by_topic[topic].publish(build())
         except Exception as exc:  # noqa: BLE001 - a failed publish must not stop the others
@@ -1634,6 +1640,10 @@ class LsmNode(LifecycleNode):
         super().destroy_node()
 
 
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``lsm_node`` (``ros2 run lsm_ros lsm_node --ros-args --params-file config/lsm.yaml``).
 
@@ -1643,11 +1653,18 @@ def main(args: list[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
     apply_node_environment_defaults()
-    rclpy.init(args=args)
+    # Our own signal handling: SIGINT/SIGTERM end spin() with KeyboardInterrupt while the Context is still valid,
+    # so the inference thread finishes (and publishes) its pair before the node and the Context go. rclpy's
+    # handlers would shut the Context down first and the pair in flight would fail to publish.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     node = None
+    # Image callbacks, a query, a render and /diagnostics at once. rclpy 9.1's stock MultiThreadedExecutor can
+    # fall into a busy loop that starves the inference thread for 10-16 s under a 30 Hz stream (ros2/rclpy#1452);
+    # the steady one hands each task to its pool once.
+    executor = SteadyMultiThreadedExecutor(num_threads=4)
     try:
         node = LsmNode()
-        executor = MultiThreadedExecutor(num_threads=4)  # image callbacks, a query, a render and /diagnostics
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -1656,6 +1673,10 @@ def main(args: list[str] | None = None) -> int:
         logging.getLogger(NODE_NAME).error('lsm_node stopped: %s: %s', type(exc).__name__, exc)
         return 1
     finally:
+        if node is not None:
+            executor.remove_node(node)
+            executor.wait_for_pool(5.0)   # callbacks still running end before their node goes
+        executor.shutdown(timeout_sec=5.0)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
