@@ -658,32 +658,25 @@ def run_ros_bench(reconstructor: Reconstructor, *, rate_hz: float, duration_s: f
         raise ValueError(f'rate and duration must be positive, got {rate_hz} Hz for {duration_s} s')
     environment = apply_ros_isolation()
     from lsm_ros.ros.graph import RosGraph, wait_until
-    from lsm_ros.ros.load_test import (StereoPublisherProcess, remap_arguments, statistics_difference,
+    from lsm_ros.ros.load_test import (StereoPublisherProcess, add_remapped_lsm_node, statistics_difference,
                                        stereo_input_topics)
-    from lsm_ros.ros.node import RELATIVE_POSE_TOPIC, LsmNode
+    from lsm_ros.ros.node import RELATIVE_POSE_TOPIC
 
     topics = stereo_input_topics(BENCH_STEREO_PREFIX)
     publisher: StereoPublisherProcess | None = None
     with RosGraph(name='lsm_bench') as graph:
         try:
-            lsm_node = graph.add(LsmNode(reconstructor, context=graph.context, namespace='lsm_bench',
-                                         cli_args=remap_arguments(topics), use_global_arguments=False))
+            lsm_node = add_remapped_lsm_node(graph, reconstructor, 'lsm_bench', topics)
             product_topics = {key: topic for key, topic in lsm_node.output_topic_names().items()
                               if key != RELATIVE_POSE_TOPIC}
             collector = _ProductTimes(graph.context, product_topics)
             graph.add(collector.node)
             publisher = StereoPublisherProcess(topics, 'lsm_bench_stereo_publisher')
-            if not wait_until(lambda: publisher.call('connected') and collector.connected(), 30.0, poll_s=0.1):
-                raise RuntimeError('lsm_node, the stereo publisher and the product collector did not discover each '
-                                   'other within 30 s')
+            publisher.wait_connected(collector.connected, 'the product collector', 30.0)
             _log.info('ROS bench: ROS_DOMAIN_ID=%s (localhost only), warm-up pair', environment['ROS_DOMAIN_ID'])
-            publisher.call('publish_infos', time.time_ns())
-            time.sleep(0.2)                                   # CameraInfo precedes the first images
-            warmup_stamp, warmup_sent = publisher.call('publish_pair')
-            if not wait_until(lambda: collector.complete_time(warmup_stamp) is not None, warmup_timeout_s,
-                              poll_s=0.01):
-                raise RuntimeError(f'no products for the warm-up pair within {warmup_timeout_s:.0f} s: '
-                                   f'{lsm_node.statistics()}')
+            warmup_stamp, warmup_sent = publisher.publish_warmup_pair(
+                lsm_node, lambda stamp: collector.complete_time(stamp) is not None, 'products', warmup_timeout_s,
+                poll_s=0.01)
             warmup_latency_s = collector.complete_time(warmup_stamp) - warmup_sent
             lsm_node.wait_idle(warmup_timeout_s)
             rss_after_warmup = current_rss_bytes()

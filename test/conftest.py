@@ -7,6 +7,7 @@ that concurrent sessions differ) and FASTDDS_DEFAULT_PROFILES_FILE=<repo>/config
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -250,3 +251,199 @@ class StereoPublisher:
             if key == 'right_info':
                 time.sleep(info_settle_s)   # CameraInfo normally precedes its images
         return stamp_ns
+
+
+NODE_TIMEOUT_S = 60.0               # generous waits for lsm_node: the 2-core machine may be shared
+DISCOVERY_TIMEOUT_S = 30.0
+STAMP_STEP_NS = 1_000_000_000       # NodeHarness.publish: at least this much newer than the previous frame
+
+
+class NodeLogs:
+    """Records what a node logs through ``get_logger()`` (forwarding it), by level; ``monkeypatch`` undoes it."""
+
+    def __init__(self, node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.records: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        real = node.get_logger()
+        logs = self
+
+        class Recording:
+            # one call site per level: rclpy refuses a call site whose severity changes between calls
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def info(self, message: str, **kwargs: Any) -> Any:
+                logs._record('info', message)
+                return real.info(message, **kwargs)
+
+            def warning(self, message: str, **kwargs: Any) -> Any:
+                logs._record('warning', message)
+                return real.warning(message, **kwargs)
+
+            def error(self, message: str, **kwargs: Any) -> Any:
+                logs._record('error', message)
+                return real.error(message, **kwargs)
+
+        recording = Recording()
+        monkeypatch.setattr(node, 'get_logger', lambda: recording)
+
+    def _record(self, level: str, message: str) -> None:
+        with self._lock:
+            self.records.append((level, message))
+
+    def messages(self, level: str, fragment: str = '') -> list[str]:
+        with self._lock:
+            return [m for lvl, m in self.records if lvl == level and fragment in m]
+
+
+class NodeHarness:
+    """An in-process lsm_node on the test module's Context: the node (:func:`make_lsm_node` in ``namespace``, with
+    ``parameters``), a stereo publisher (:meth:`make_publisher`), and a client node that keeps the node's ~/info by
+    stamp and calls its services; all spun by a :class:`RosGraph`. The constructor waits until :meth:`discovered`.
+
+    Frames are published with strictly increasing stamps (:meth:`publish`), so the synchronizer never drops one as
+    late; :meth:`play` also waits for the frame's ~/info, :meth:`reject` for the frame to be counted as rejected.
+    :meth:`close` (also on leaving a ``with`` block) stops the graph. :func:`harness_fixture` makes the module's
+    ``graph`` fixture of a harness class.
+    """
+
+    def __init__(self, context: Any, reconstructor: Any, namespace: str = 'lsm', **parameters: Any) -> None:
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        from lsm_ros.msg import ReconstructionInfo
+        from lsm_ros.ros import node as lsm
+        self.executor = SpinningExecutor(context)
+        try:
+            self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace=namespace, **parameters))
+            self.client = self.executor.add(Node(f'test_{namespace}_client', context=context))
+            self._infos: dict[int, Any] = {}
+            self._lock = threading.Lock()
+            self.client.create_subscription(ReconstructionInfo, self.node.output_topic_names()[lsm.INFO_TOPIC],
+                                            self._keep_info,
+                                            QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE))
+            self.publisher = self.make_publisher(context)
+            self.executor.add(self.publisher.node)
+            self.last_stamp_ns = 0
+            self.add_entities(context)
+            assert wait_until(self.discovered, DISCOVERY_TIMEOUT_S), f'{type(self).__name__}: discovery failed'
+        except BaseException:
+            self.executor.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ for subclasses
+    def make_publisher(self, context: Any) -> Any:
+        """The node (``.node``) that publishes the frames: a :class:`StereoPublisher`."""
+        return StereoPublisher(context)
+
+    def add_entities(self, context: Any) -> None:
+        """Called before the discovery wait: more nodes, clients or subscriptions."""
+
+    def discovered(self) -> bool:
+        """What the constructor waits for: the publisher's topics are subscribed."""
+        return bool(self.publisher.connected())
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> 'NodeHarness':
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ ~/info
+    def _keep_info(self, msg: Any) -> None:
+        from lsm_ros.ros.conversions import stamp_to_nanoseconds
+        with self._lock:
+            self._infos[stamp_to_nanoseconds(msg.header.stamp)] = msg
+
+    def info_stamps(self) -> set[int]:
+        """The stamps of the ~/info messages received so far."""
+        with self._lock:
+            return set(self._infos)
+
+    def info(self, stamp_ns: int) -> Any:
+        """The ~/info of the pair stamped ``stamp_ns``, waited for."""
+        assert wait_until(lambda: stamp_ns in self.info_stamps(), NODE_TIMEOUT_S), self.node.statistics()
+        with self._lock:
+            return self._infos[stamp_ns]
+
+    # ------------------------------------------------------------------------------------------ frames
+    def publish(self, frame: Any, *args: Any, **kwargs: Any) -> int:
+        """Publish ``frame`` (``args``/``kwargs`` go to the publisher) stamped at least STAMP_STEP_NS after the
+        previous one; returns the stamp."""
+        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
+        self.last_stamp_ns = stamp_ns
+        self.publisher.publish(frame, stamp_ns, *args, **kwargs)
+        return stamp_ns
+
+    def play(self, frame: Any, *args: Any, **kwargs: Any) -> int:
+        """Publish a frame that reconstructs and wait for its ~/info; returns the stamp."""
+        stamp_ns = self.publish(frame, *args, **kwargs)
+        self.info(stamp_ns)
+        return stamp_ns
+
+    def reject(self, frame: Any, reason: str, *args: Any, **kwargs: Any) -> int:
+        """Publish a frame that the node rejects: wait until it is counted under ``reason``; returns the stamp."""
+        before = self.node.statistics()['rejected'].get(reason, 0)
+        stamp_ns = self.publish(frame, *args, **kwargs)
+        assert wait_until(lambda: self.node.statistics()['rejected'].get(reason, 0) == before + 1, NODE_TIMEOUT_S), \
+            (reason, self.node.statistics())
+        return stamp_ns
+
+    # ------------------------------------------------------------------------------------------ services
+    def call(self, client: Any, request: Any) -> Any:
+        """Call a service of the client node and wait for the answer."""
+        assert client.wait_for_service(timeout_sec=NODE_TIMEOUT_S), f'{client.srv_name} not available'
+        future = client.call_async(request)
+        assert wait_until(future.done, NODE_TIMEOUT_S), f'no answer to {request}'
+        return future.result()
+
+    @functools.cached_property
+    def query_client(self) -> Any:
+        from lsm_ros.srv import TextQuery
+        return self.client.create_client(TextQuery, self.node.query_service_name())
+
+    @functools.cached_property
+    def render_client(self) -> Any:
+        from lsm_ros.srv import RenderView
+        return self.client.create_client(RenderView, self.node.render_service_name())
+
+    def query(self) -> Any:
+        """~/query for 'chair' and 'table'."""
+        from lsm_ros.srv import TextQuery
+        return self.call(self.query_client, TextQuery.Request(phrases=['chair', 'table']))
+
+    def render(self) -> Any:
+        """~/render of a 32x24 alpha image."""
+        from lsm_ros.srv import RenderView
+        return self.call(self.render_client, RenderView.Request(width=32, height=24, channels=['alpha']))
+
+    @functools.cached_property
+    def parameters(self) -> Any:
+        """rclpy's parameter client of the node."""
+        from rclpy.parameter_client import AsyncParameterClient
+        return AsyncParameterClient(self.client, self.node.get_fully_qualified_name())
+
+    def set_parameters(self, **values: Any) -> list[Any]:
+        """One SetParameters request with every value (as `ros2 param set` or a parameter client sends it); the
+        results."""
+        from rclpy.parameter import Parameter
+        assert self.parameters.wait_for_services(timeout_sec=DISCOVERY_TIMEOUT_S)
+        future = self.parameters.set_parameters([Parameter(name, value=value) for name, value in values.items()])
+        assert wait_until(future.done, NODE_TIMEOUT_S), f'no answer to set_parameters {values}'
+        return list(future.result().results)
+
+
+def harness_fixture(harness_class: Callable[[Any, Any], NodeHarness],
+                    reconstructor: str = 'tiny_reconstructor') -> Any:
+    """A module-scoped fixture ``graph``: ``harness_class(ros_context, <the reconstructor fixture>)``, closed after
+    the module's tests (``graph = harness_fixture(MyHarness)`` in the module)."""
+
+    @pytest.fixture(scope='module', name='graph')
+    def graph(request: pytest.FixtureRequest, ros_context: Any) -> Iterator[NodeHarness]:
+        with harness_class(ros_context, request.getfixturevalue(reconstructor)) as harness:
+            yield harness
+
+    return graph

@@ -10,18 +10,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from conftest import STEREO_REMAPS, SpinningExecutor, make_lsm_node, wait_until
+from conftest import STEREO_REMAPS, NodeHarness, harness_fixture
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage
 
-from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
 
 pytestmark = pytest.mark.timeout(120)
-TIMEOUT_S = 60.0                    # generous: the 2-core machine may be shared
-STAMP_STEP_NS = 1_000_000_000
 COMPRESSED_TOPICS = {side: STEREO_REMAPS[f'{side}/image_rect'] + '/compressed' for side in ('left', 'right')}
 
 
@@ -54,51 +50,23 @@ class CompressedStereoPublisher:
             self.images[side].publish(image)
 
 
-class CompressedGraph:
-    """lsm_node (tiny DUSt3R, image_transport compressed) in namespace ``compressed``, the publisher above and an
-    observer of ~/info; the reconstructor is wrapped to keep the images it is given."""
+class CompressedHarness(NodeHarness):
+    """lsm_node (tiny DUSt3R, image_transport compressed) in namespace ``compressed`` and the publisher above:
+    ``publish(frame, images)``, ``play(frame, images)``."""
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace='compressed',
-                                                    image_transport='compressed', log_throttle_s=0.0))
-        self.observer = self.executor.add(Node('test_compressed_observer', context=context))
-        self.infos: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self.observer.create_subscription(ReconstructionInfo, self.node.output_topic_names()[lsm.INFO_TOPIC],
-                                          self._keep, QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE))
-        self.publisher = CompressedStereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.last_stamp_ns = 0
-        assert wait_until(self.publisher.connected, 30.0), 'discovery failed'
+        super().__init__(context, reconstructor, namespace='compressed', image_transport='compressed',
+                         log_throttle_s=0.0)
 
-    def _keep(self, msg: Any) -> None:
-        with self._lock:
-            self.infos[conversions.stamp_to_nanoseconds(msg.header.stamp)] = msg
-
-    def publish(self, frame: Any, images: dict[str, CompressedImage]) -> int:
-        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
-        self.last_stamp_ns = stamp_ns
-        self.publisher.publish(frame, stamp_ns, images)
-        return stamp_ns
-
-    def play(self, frame: Any, images: dict[str, CompressedImage]) -> int:
-        stamp_ns = self.publish(frame, images)
-        assert wait_until(lambda: stamp_ns in self.infos, TIMEOUT_S), self.node.statistics()
-        return stamp_ns
+    def make_publisher(self, context: Any) -> CompressedStereoPublisher:
+        return CompressedStereoPublisher(context)
 
 
-@pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_reconstructor: Any) -> Iterator[CompressedGraph]:
-    graph = CompressedGraph(ros_context, tiny_reconstructor)
-    try:
-        yield graph
-    finally:
-        graph.executor.close()
+graph = harness_fixture(CompressedHarness)
 
 
 @pytest.fixture
-def inputs(graph: CompressedGraph) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+def inputs(graph: CompressedHarness) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
     """The (left, right) images the reconstructor is given while the test runs."""
     reconstructor = graph.node.reconstructor
     reconstruct = reconstructor.reconstruct
@@ -124,7 +92,7 @@ def _compressed(frame: Any, codec: str) -> dict[str, CompressedImage]:
             for side, rgb in _rgb(frame).items()}
 
 
-def test_the_node_subscribes_the_compressed_topics_of_the_remapped_bases(graph: CompressedGraph) -> None:
+def test_the_node_subscribes_the_compressed_topics_of_the_remapped_bases(graph: CompressedHarness) -> None:
     subscribed = {s.topic_name: s.msg_type for s in graph.node.subscriptions}
     assert graph.node.input_image_topic_names() == COMPRESSED_TOPICS
     for topic in COMPRESSED_TOPICS.values():
@@ -149,11 +117,11 @@ def test_without_remapping_the_compressed_topic_follows_the_namespace(ros_contex
 
 
 @pytest.mark.parametrize('codec', ['png', 'jpeg'])
-def test_compressed_pairs_are_decoded_and_reconstructed(graph: CompressedGraph, stereo_frames: list[Any],
+def test_compressed_pairs_are_decoded_and_reconstructed(graph: CompressedHarness, stereo_frames: list[Any],
                                                         inputs: list[Any], codec: str) -> None:
     frame = stereo_frames[0]
     stamp_ns = graph.play(frame, _compressed(frame, codec))
-    info = graph.infos[stamp_ns]
+    info = graph.info(stamp_ns)
     assert (info.width, info.height) == (224, 224) and info.intrinsics_source == 'camera_info' and info.metric_scale
     assert info.header.frame_id == frame.left_image.header.frame_id
     [(left, right)] = inputs
@@ -166,7 +134,7 @@ def test_compressed_pairs_are_decoded_and_reconstructed(graph: CompressedGraph, 
         assert np.abs(left.astype(int) - expected['left']).mean() < 4.0
 
 
-def test_undecodable_compressed_data_rejects_the_pair_and_the_node_goes_on(graph: CompressedGraph,
+def test_undecodable_compressed_data_rejects_the_pair_and_the_node_goes_on(graph: CompressedHarness,
                                                                            stereo_frames: list[Any],
                                                                            inputs: list[Any]) -> None:
     node = graph.node
@@ -181,11 +149,8 @@ def test_undecodable_compressed_data_rejects_the_pair_and_the_node_goes_on(graph
     bad_stamps = []
     for images in ({'left': good['left'], 'right': corrupt}, {'left': depth, 'right': good['right']},
                    {'left': garbage, 'right': good['right']}):
-        before = node.statistics()['rejected'].get(lsm.REJECT_IMAGE_DATA, 0)
-        bad_stamps.append(graph.publish(frame, images))
-        assert wait_until(lambda: node.statistics()['rejected'].get(lsm.REJECT_IMAGE_DATA, 0) == before + 1,
-                          TIMEOUT_S), node.statistics()
+        bad_stamps.append(graph.reject(frame, lsm.REJECT_IMAGE_DATA, images))
     recovered = graph.play(frame, good)
-    assert not set(bad_stamps) & set(graph.infos)                  # nothing published for a rejected pair
-    assert len(inputs) == 1 and recovered in graph.infos           # only the good pair reached the network
+    assert not set(bad_stamps) & graph.info_stamps()               # nothing published for a rejected pair
+    assert len(inputs) == 1 and recovered in graph.info_stamps()   # only the good pair reached the network
     assert node.statistics()['worker']['failed'] == 0

@@ -8,101 +8,45 @@ simulated by replacing the reconstructor's ``offload``/``reload`` (instance attr
 """
 from __future__ import annotations
 
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import STEREO_REMAPS, TINY_NETWORK, TINY_PIPELINE, SpinningExecutor, StereoPublisher, make_lsm_node, \
-    wait_until
+from conftest import (NODE_TIMEOUT_S, STEREO_REMAPS, TINY_NETWORK, TINY_PIPELINE, NodeHarness, NodeLogs,
+                      gated_reconstruct, harness_fixture, make_lsm_node, wait_until)
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.lifecycle import TransitionCallbackReturn
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
-from lsm_ros.srv import RenderView, TextQuery
 
 pytestmark = pytest.mark.timeout(120)
-TIMEOUT_S = 60.0                    # generous: the 2-core machine may be shared
-STAMP_STEP_NS = 1_000_000_000
 QUIET_S = 1.0                       # how long "nothing was published" is watched
 
 
-class NodeLogs:
-    """Records what a node logs through ``get_logger()`` (forwarding it), by level; ``monkeypatch`` undoes it."""
-
-    def __init__(self, node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.records: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-        real = node.get_logger()
-        logs = self
-
-        class Recording:
-            # one call site per level: rclpy refuses a call site whose severity changes between calls
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
-
-            def info(self, message: str, **kwargs: Any) -> Any:
-                logs._record('info', message)
-                return real.info(message, **kwargs)
-
-            def warning(self, message: str, **kwargs: Any) -> Any:
-                logs._record('warning', message)
-                return real.warning(message, **kwargs)
-
-            def error(self, message: str, **kwargs: Any) -> Any:
-                logs._record('error', message)
-                return real.error(message, **kwargs)
-
-        recording = Recording()
-        monkeypatch.setattr(node, 'get_logger', lambda: recording)
-
-    def _record(self, level: str, message: str) -> None:
-        with self._lock:
-            self.records.append((level, message))
-
-    def messages(self, level: str, fragment: str = '') -> list[str]:
-        with self._lock:
-            return [m for lvl, m in self.records if lvl == level and fragment in m]
-
-
-class ManagedGraph:
+class ManagedHarness(NodeHarness):
     """A managed lsm_node (tiny LSM) in namespace ``managed``, a stereo publisher, and a client node with the
     lifecycle, ~/query and ~/render clients and a ~/info subscription."""
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
         self.threads_before = lsm.process_torch_threads()
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace='managed', managed=True))
-        self.client = self.executor.add(Node('test_lifecycle_client', context=context))
+        super().__init__(context, reconstructor, namespace='managed', managed=True)
+
+    def add_entities(self, context: Any) -> None:
         name = self.node.get_fully_qualified_name()
         self.change_state = self.client.create_client(ChangeState, f'{name}/change_state')
         self.get_state = self.client.create_client(GetState, f'{name}/get_state')
-        self.query_client = self.client.create_client(TextQuery, self.node.query_service_name())
-        self.render_client = self.client.create_client(RenderView, self.node.render_service_name())
-        self.infos: list[Any] = []
-        self._lock = threading.Lock()
-        self.client.create_subscription(ReconstructionInfo, self.node.output_topic_names()[lsm.INFO_TOPIC],
-                                        self._keep_info, QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE))
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.last_stamp_ns = 0
-        assert wait_until(lambda: self.change_state.service_is_ready() and self.get_state.service_is_ready(),
-                          30.0), 'lifecycle services not discovered'
 
-    def _keep_info(self, msg: Any) -> None:
-        with self._lock:
-            self.infos.append(msg)
+    def discovered(self) -> bool:
+        """The lifecycle services (an unconfigured node subscribes nothing yet)."""
+        return bool(self.change_state.service_is_ready() and self.get_state.service_is_ready())
 
-    def info_stamps(self) -> set[int]:
-        with self._lock:
-            return {conversions.stamp_to_nanoseconds(m.header.stamp) for m in self.infos}
+    def close(self) -> None:
+        super().close()
+        torch.set_num_threads(self.threads_before)   # only if a failed test left it changed
 
     def request(self, transition_id: int) -> Any:
         """Ask for a transition as `ros2 lifecycle set` does; returns the future of its ChangeState call."""
@@ -110,36 +54,13 @@ class ManagedGraph:
 
     def transition(self, transition_id: int) -> bool:
         future = self.request(transition_id)
-        assert wait_until(future.done, TIMEOUT_S), f'no answer to transition {transition_id}'
+        assert wait_until(future.done, NODE_TIMEOUT_S), f'no answer to transition {transition_id}'
         return future.result().success
 
     def state(self) -> str:
         future = self.get_state.call_async(GetState.Request())
-        assert wait_until(future.done, TIMEOUT_S)
+        assert wait_until(future.done, NODE_TIMEOUT_S)
         return future.result().current_state.label
-
-    def publish(self, frame: Any) -> int:
-        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
-        self.last_stamp_ns = stamp_ns
-        return self.publisher.publish(frame, stamp_ns)
-
-    def play(self, frame: Any) -> int:
-        """Publish a frame and wait for its ~/info."""
-        stamp_ns = self.publish(frame)
-        assert wait_until(lambda: stamp_ns in self.info_stamps(), TIMEOUT_S), self.node.statistics()
-        return stamp_ns
-
-    def call(self, client: Any, request: Any) -> Any:
-        assert client.wait_for_service(timeout_sec=TIMEOUT_S)
-        future = client.call_async(request)
-        assert wait_until(future.done, TIMEOUT_S), f'no answer to {request}'
-        return future.result()
-
-    def query(self) -> TextQuery.Response:
-        return self.call(self.query_client, TextQuery.Request(phrases=['chair', 'table']))
-
-    def render(self) -> RenderView.Response:
-        return self.call(self.render_client, RenderView.Request(width=32, height=24, channels=['alpha']))
 
     def subscribed_inputs(self) -> set[str]:
         return {s.topic_name for s in self.node.subscriptions} & set(STEREO_REMAPS.values())
@@ -153,22 +74,15 @@ class ManagedGraph:
         return set(self.node.output_topic_names().values()) <= names
 
 
-@pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_lsm_reconstructor: Any) -> Iterator[ManagedGraph]:
-    graph = ManagedGraph(ros_context, tiny_lsm_reconstructor)
-    try:
-        yield graph
-    finally:
-        graph.executor.close()
-        torch.set_num_threads(graph.threads_before)   # only if a failed test left it changed
+graph = harness_fixture(ManagedHarness, 'tiny_lsm_reconstructor')
 
 
-def _wait_inactive_drops(graph: ManagedGraph, at_least: int) -> None:
-    assert wait_until(lambda: graph.node.statistics()['inactive_drops'] >= at_least, TIMEOUT_S), \
+def _wait_inactive_drops(graph: ManagedHarness, at_least: int) -> None:
+    assert wait_until(lambda: graph.node.statistics()['inactive_drops'] >= at_least, NODE_TIMEOUT_S), \
         graph.node.statistics()
 
 
-def test_a_managed_node_starts_unconfigured(graph: ManagedGraph) -> None:
+def test_a_managed_node_starts_unconfigured(graph: ManagedHarness) -> None:
     node = graph.node
     assert node.get_parameter('managed').value is True
     assert node.lifecycle_state == lsm.STATE_UNCONFIGURED == graph.state()
@@ -180,7 +94,7 @@ def test_a_managed_node_starts_unconfigured(graph: ManagedGraph) -> None:
     assert graph.publisher.publishers['left_image'].get_subscription_count() == 0
 
 
-def test_configure_creates_the_entities_and_an_inactive_node_counts_images(graph: ManagedGraph,
+def test_configure_creates_the_entities_and_an_inactive_node_counts_images(graph: ManagedHarness,
                                                                           stereo_frames: list[Any]) -> None:
     node = graph.node
     assert graph.transition(Transition.TRANSITION_CONFIGURE)
@@ -203,7 +117,7 @@ def test_configure_creates_the_entities_and_an_inactive_node_counts_images(graph
     assert not response.success and 'no reconstruction yet' in response.message, response.message
 
 
-def test_activate_warms_up_then_processes(graph: ManagedGraph, stereo_frames: list[Any],
+def test_activate_warms_up_then_processes(graph: ManagedHarness, stereo_frames: list[Any],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     logs = NodeLogs(graph.node, monkeypatch)
     reconstructor = graph.node.reconstructor
@@ -231,29 +145,17 @@ def test_activate_warms_up_then_processes(graph: ManagedGraph, stereo_frames: li
 
 
 def test_deactivate_lets_the_current_pair_finish_and_keeps_the_last_reconstruction(
-        graph: ManagedGraph, stereo_frames: list[Any]) -> None:
+        graph: ManagedHarness, stereo_frames: list[Any]) -> None:
     node = graph.node
     reconstructor = node.reconstructor
-    reconstruct = reconstructor.reconstruct
-    entered, release = threading.Event(), threading.Event()
-
-    def gated_reconstruct(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(TIMEOUT_S)
-        return reconstruct(*args, **kwargs)
-
-    reconstructor.reconstruct = gated_reconstruct      # instance attribute: the worker now waits inside
-    try:
+    with gated_reconstruct(reconstructor, NODE_TIMEOUT_S) as gate:   # the worker now waits inside
         in_flight = graph.publish(stereo_frames[2])
-        assert wait_until(entered.is_set, TIMEOUT_S), node.statistics()
+        assert wait_until(gate.entered.is_set, NODE_TIMEOUT_S), node.statistics()
         future = graph.request(Transition.TRANSITION_DEACTIVATE)
         time.sleep(0.5)
         assert not future.done() and node.lifecycle_state == 'deactivating'   # waits for the pair in flight
-        release.set()
-        assert wait_until(future.done, TIMEOUT_S) and future.result().success
-    finally:
-        release.set()
-        del reconstructor.reconstruct
+        gate.release.set()
+        assert wait_until(future.done, NODE_TIMEOUT_S) and future.result().success
     assert node.lifecycle_state == 'inactive'
     assert wait_until(lambda: in_flight in graph.info_stamps(), 10.0)       # the current pair finished, published
     drops = node.statistics()['inactive_drops']
@@ -268,7 +170,7 @@ def test_deactivate_lets_the_current_pair_finish_and_keeps_the_last_reconstructi
     assert graph.render().success
 
 
-def test_a_model_moved_off_the_accelerator_refuses_services_until_activation(graph: ManagedGraph) -> None:
+def test_a_model_moved_off_the_accelerator_refuses_services_until_activation(graph: ManagedHarness) -> None:
     node = graph.node
     reconstructor = node.reconstructor
     last = graph.query()
@@ -294,7 +196,7 @@ def test_a_model_moved_off_the_accelerator_refuses_services_until_activation(gra
     assert again.success and again.stamp == last.stamp, again.message
 
 
-def test_a_transition_that_raises_recovers_to_unconfigured(graph: ManagedGraph, stereo_frames: list[Any],
+def test_a_transition_that_raises_recovers_to_unconfigured(graph: ManagedHarness, stereo_frames: list[Any],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     node = graph.node
     reconstructor = node.reconstructor
@@ -324,7 +226,7 @@ def test_a_transition_that_raises_recovers_to_unconfigured(graph: ManagedGraph, 
     graph.play(stereo_frames[0])
 
 
-def test_cleanup_then_shutdown_release_everything(graph: ManagedGraph) -> None:
+def test_cleanup_then_shutdown_release_everything(graph: ManagedHarness) -> None:
     node = graph.node
     assert graph.transition(Transition.TRANSITION_DEACTIVATE)
     assert graph.transition(Transition.TRANSITION_CLEANUP)

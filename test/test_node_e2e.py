@@ -5,54 +5,36 @@ Stereo frames come from the EuRoC bag when present (else the synthetic bag), rec
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import (STEREO_REMAPS, ProductCollector, SpinningExecutor, StereoPublisher, make_lsm_node,
+from conftest import (NODE_TIMEOUT_S, STEREO_REMAPS, NodeHarness, ProductCollector, harness_fixture, make_lsm_node,
                       wait_until)
 
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
 
 pytestmark = pytest.mark.timeout(180)
-PRODUCTS_TIMEOUT_S = 60.0          # generous: the 2-core machine may be shared
 MAX_LATENCY_S = 20.0
 
 
-class Graph:
-    def __init__(self, context: Any, reconstructor: Any) -> None:
-        from rclpy.node import Node
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context))
+class ProductHarness(NodeHarness):
+    """lsm_node (tiny DUSt3R) in namespace ``lsm`` with a :class:`ProductCollector` of all its products."""
+
+    def add_entities(self, context: Any) -> None:
         self.collector = ProductCollector(context, self.node)
         self.executor.add(self.collector.node)
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.client_node = self.executor.add(Node('test_parameter_client', context=context))
-        assert wait_until(lambda: self.publisher.connected() and self.collector.connected(), 30.0), \
-            'discovery failed'
 
-    def set_parameters(self, **values: Any) -> list[Any]:
-        """Set lsm_node parameters through its SetParameters service (as `ros2 param set` does)."""
-        from rcl_interfaces.srv import SetParameters
-        from rclpy.parameter import Parameter
-        client = self.client_node.create_client(SetParameters, f'{self.node.get_fully_qualified_name()}/set_parameters')
-        try:
-            assert client.wait_for_service(timeout_sec=10.0)
-            request = SetParameters.Request(
-                parameters=[Parameter(name, value=value).to_parameter_msg() for name, value in values.items()])
-            future = client.call_async(request)
-            assert wait_until(future.done, 10.0)
-            return future.result().results
-        finally:
-            self.client_node.destroy_client(client)
+    def discovered(self) -> bool:
+        return super().discovered() and self.collector.connected()
 
-    def play(self, frame: Any) -> tuple[int, float]:
-        """Publish a frame and wait for its ~/info; returns (stamp, seconds until it arrived)."""
+    def play_products(self, frame: Any) -> tuple[int, float]:
+        """Publish a frame and wait for its ~/info, then for its other products; returns (stamp, seconds until the
+        ~/info arrived)."""
         start = time.monotonic()
-        stamp_ns = self.publisher.publish(frame)
-        assert wait_until(lambda: self.collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), PRODUCTS_TIMEOUT_S), \
+        stamp_ns = self.publish(frame)
+        assert wait_until(lambda: self.collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), NODE_TIMEOUT_S), \
             f'no ~/info for {stamp_ns}: {self.node.statistics()}'
         latency_s = time.monotonic() - start
         others = [k for k in lsm.OUTPUT_TOPICS if k != lsm.INFO_TOPIC]
@@ -61,16 +43,10 @@ class Graph:
         return stamp_ns, latency_s
 
 
-@pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_reconstructor: Any) -> Iterator[Graph]:
-    graph = Graph(ros_context, tiny_reconstructor)
-    try:
-        yield graph
-    finally:
-        graph.executor.close()
+graph = harness_fixture(ProductHarness)
 
 
-def test_the_plain_node_is_active_at_once_and_reports_its_state(graph: Graph) -> None:
+def test_the_plain_node_is_active_at_once_and_reports_its_state(graph: ProductHarness) -> None:
     node = graph.node
     assert node.get_parameter('managed').value is False and node.get_parameter('image_transport').value == 'raw'
     assert node.lifecycle_state == lsm.STATE_ACTIVE
@@ -84,16 +60,16 @@ def test_the_plain_node_is_active_at_once_and_reports_its_state(graph: Graph) ->
         assert 'read-only' in graph.set_parameters(**{name: node.get_parameter(name).value})[0].reason
 
 
-def test_node_subscribes_to_the_remapped_inputs(graph: Graph) -> None:
+def test_node_subscribes_to_the_remapped_inputs(graph: ProductHarness) -> None:
     subscribed = {s.topic_name for s in graph.node.subscriptions}
     assert set(STEREO_REMAPS.values()) <= subscribed
     assert graph.node.output_topic_names() == {
         topic: '/lsm/lsm_node/' + topic[2:] for topic in lsm.OUTPUT_TOPICS}
 
 
-def test_every_product_of_a_stereo_pair(graph: Graph, stereo_frames: list[Any]) -> None:
+def test_every_product_of_a_stereo_pair(graph: ProductHarness, stereo_frames: list[Any]) -> None:
     frame = stereo_frames[0]
-    stamp_ns, latency_s = graph.play(frame)
+    stamp_ns, latency_s = graph.play_products(frame)
     assert latency_s < MAX_LATENCY_S
     collector = graph.collector
     left_frame, right_frame = frame.left_image.header.frame_id, frame.right_image.header.frame_id
@@ -143,12 +119,12 @@ def test_every_product_of_a_stereo_pair(graph: Graph, stereo_frames: list[Any]) 
     assert collector.messages[lsm.TF_TOPIC] == []            # publish_tf is false by default
 
 
-def test_publish_tf_parameter_adds_the_transform(graph: Graph, stereo_frames: list[Any]) -> None:
+def test_publish_tf_parameter_adds_the_transform(graph: ProductHarness, stereo_frames: list[Any]) -> None:
     results = graph.set_parameters(publish_tf=True)
     assert results[0].successful, results[0].reason
     try:
         frame = stereo_frames[1]
-        stamp_ns, _ = graph.play(frame)
+        stamp_ns, _ = graph.play_products(frame)
         assert wait_until(lambda: graph.collector.by_stamp(lsm.TF_TOPIC, stamp_ns), 10.0)
         transform = graph.collector.by_stamp(lsm.TF_TOPIC, stamp_ns)[0].transforms[0]
         assert transform.header.frame_id == frame.left_image.header.frame_id
@@ -160,7 +136,7 @@ def test_publish_tf_parameter_adds_the_transform(graph: Graph, stereo_frames: li
         assert graph.set_parameters(publish_tf=False)[0].successful
 
 
-def test_invalid_parameter_values_are_rejected_with_a_reason(graph: Graph) -> None:
+def test_invalid_parameter_values_are_rejected_with_a_reason(graph: ProductHarness) -> None:
     refused = {'resolution': 512, 'device': 'cuda', 'min_confidence': 0.5, 'point_stride': 0,
                'sync_tolerance_s': 'fast', 'sync_queue_size': 5000, 'max_input_age_s': -1.0}
     for name, value in refused.items():
@@ -181,7 +157,7 @@ def test_invalid_parameter_values_are_rejected_with_a_reason(graph: Graph) -> No
     assert graph.node.reconstructor.config.min_confidence == 1.0
 
 
-def test_parameter_descriptors_describe_ranges_and_choices(graph: Graph) -> None:
+def test_parameter_descriptors_describe_ranges_and_choices(graph: ProductHarness) -> None:
     descriptors = {d.name: d for d in graph.node.describe_parameters(['resolution', 'min_confidence', 'point_stride'])}
     assert descriptors['resolution'].read_only and '224, 256, 512' in descriptors['resolution'].additional_constraints
     assert descriptors['min_confidence'].floating_point_range[0].from_value == 1.0

@@ -14,81 +14,36 @@ import threading
 from typing import Any, Iterator
 
 import pytest
-from conftest import SpinningExecutor, StereoPublisher, make_lsm_node, wait_until
-from rclpy.node import Node
+from conftest import NODE_TIMEOUT_S, NodeHarness, harness_fixture, wait_until
 from rclpy.parameter import Parameter
-from rclpy.parameter_client import AsyncParameterClient
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-from lsm_ros.msg import ReconstructionInfo
-from lsm_ros.ros import conversions
-from lsm_ros.ros import node as lsm
 
 pytestmark = pytest.mark.timeout(120)
-TIMEOUT_S = 60.0                    # generous: the 2-core machine may be shared
-STAMP_STEP_NS = 1_000_000_000
 COMBINATIONS = {1.0: 1, 1.5: 2}     # min_confidence -> point_stride: they only change together
 
 
-class ParameterGraph:
+class ParameterHarness(NodeHarness):
     """lsm_node (tiny DUSt3R) in namespace ``params``, a stereo publisher, and a client node with rclpy's parameter
-    client of lsm_node and a ~/info subscription."""
+    client of lsm_node (``parameters``, ``set_parameters``) and a ~/info subscription."""
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace='params'))
-        self.client_node = self.executor.add(Node('test_parameter_client', context=context))
-        self.parameters = AsyncParameterClient(self.client_node, self.node.get_fully_qualified_name())
-        self.infos: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self.client_node.create_subscription(ReconstructionInfo, self.node.output_topic_names()[lsm.INFO_TOPIC],
-                                             self._keep_info, QoSProfile(depth=20,
-                                                                         reliability=ReliabilityPolicy.RELIABLE))
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.last_stamp_ns = 0
-        assert self.parameters.wait_for_services(timeout_sec=30.0)
-        assert wait_until(self.publisher.connected, 30.0), 'discovery failed'
+        super().__init__(context, reconstructor, namespace='params')
 
-    def _keep_info(self, msg: Any) -> None:
-        with self._lock:
-            self.infos[conversions.stamp_to_nanoseconds(msg.header.stamp)] = msg
-
-    def info(self, stamp_ns: int) -> Any:
-        assert wait_until(lambda: stamp_ns in self.infos, TIMEOUT_S), self.node.statistics()
-        with self._lock:
-            return self.infos[stamp_ns]
-
-    def publish(self, frame: Any) -> int:
-        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
-        self.last_stamp_ns = stamp_ns
-        return self.publisher.publish(frame, stamp_ns)
-
-    def set_remotely(self, **values: Any) -> list[Any]:
-        """One SetParameters request with every value (as a parameter client or `ros2 param load` sends it)."""
-        future = self.parameters.set_parameters([Parameter(name, value=value) for name, value in values.items()])
-        assert wait_until(future.done, TIMEOUT_S)
-        return list(future.result().results)
+    def discovered(self) -> bool:
+        return super().discovered() and self.parameters.services_are_ready()
 
     def set_combination(self, min_confidence: float) -> None:
-        results = self.set_remotely(min_confidence=min_confidence, point_stride=COMBINATIONS[min_confidence])
+        results = self.set_parameters(min_confidence=min_confidence, point_stride=COMBINATIONS[min_confidence])
         assert all(r.successful for r in results), [r.reason for r in results]
 
     def values(self, *names: str) -> tuple[Any, ...]:
         return tuple(self.node.get_parameter(name).value for name in names)
 
 
-@pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_reconstructor: Any) -> Iterator[ParameterGraph]:
-    graph = ParameterGraph(ros_context, tiny_reconstructor)
-    try:
-        yield graph
-    finally:
-        graph.executor.close()
+graph = harness_fixture(ParameterHarness)
 
 
 @pytest.fixture
-def recorded_results(graph: ParameterGraph) -> Iterator[list[Any]]:
+def recorded_results(graph: ParameterHarness) -> Iterator[list[Any]]:
     """Every Reconstruction the node makes while the test runs, in order (the reconstructor is wrapped)."""
     reconstructor = graph.node.reconstructor
     reconstruct = reconstructor.reconstruct
@@ -116,13 +71,13 @@ def _published_with_one_snapshot(info: Any, result: Any) -> int:
     return strides[0]
 
 
-def test_a_set_parameters_request_is_all_or_nothing(graph: ParameterGraph) -> None:
+def test_a_set_parameters_request_is_all_or_nothing(graph: ParameterHarness) -> None:
     before = graph.values('point_stride', 'min_confidence', 'publish_tf')
     generation = graph.node._lsm_params.snapshot.generation
     for bad, fragment in ((dict(min_confidence=0.5), 'min_confidence'), (dict(resolution=512), 'read-only'),
                           (dict(sync_tolerance_s='fast'), 'sync_tolerance_s'),
                           (dict(labels=['chair', 'Chair']), 'labels')):
-        results = graph.set_remotely(point_stride=2, publish_tf=True, **bad)
+        results = graph.set_parameters(point_stride=2, publish_tf=True, **bad)
         assert len(results) == 3 and not any(r.successful for r in results), bad
         assert all(fragment in r.reason and 'none of the 3 parameters' in r.reason for r in results), \
             [r.reason for r in results]
@@ -130,23 +85,23 @@ def test_a_set_parameters_request_is_all_or_nothing(graph: ParameterGraph) -> No
         assert graph.node.node_config.point_stride == 1 and not graph.node.node_config.publish_tf
     assert graph.node._lsm_params.snapshot.generation == generation
 
-    results = graph.set_remotely(point_stride=2, min_confidence=1.5, publish_tf=True)
+    results = graph.set_parameters(point_stride=2, min_confidence=1.5, publish_tf=True)
     try:
         assert [r.successful for r in results] == [True, True, True]
         assert graph.values('point_stride', 'min_confidence', 'publish_tf') == (2, 1.5, True)
         assert graph.node._lsm_params.snapshot.generation == generation + 1    # one new snapshot for the request
         assert graph.node.node_config.point_stride == 2 and graph.node.reconstructor.config.min_confidence == 1.5
     finally:
-        assert all(r.successful for r in graph.set_remotely(point_stride=1, min_confidence=1.0, publish_tf=False))
+        assert all(r.successful for r in graph.set_parameters(point_stride=1, min_confidence=1.0, publish_tf=False))
 
     future = graph.parameters.set_parameters_atomically([Parameter('point_stride', value=3),
                                                          Parameter('max_input_age_s', value=-1.0)])
-    assert wait_until(future.done, TIMEOUT_S)
+    assert wait_until(future.done, NODE_TIMEOUT_S)
     assert not future.result().result.successful and 'max_input_age_s' in future.result().result.reason
     assert graph.values('point_stride', 'max_input_age_s') == (1, 0.0)
 
 
-def test_node_set_parameters_with_several_parameters_is_all_or_nothing(graph: ParameterGraph) -> None:
+def test_node_set_parameters_with_several_parameters_is_all_or_nothing(graph: ParameterHarness) -> None:
     node = graph.node
     results = node.set_parameters([Parameter('point_stride', value=4), Parameter('overlay_alpha', value=2.0)])
     assert len(results) == 2 and not any(r.successful for r in results)
@@ -163,7 +118,7 @@ def test_node_set_parameters_with_several_parameters_is_all_or_nothing(graph: Pa
 
 
 def test_a_pair_keeps_its_parameters_when_they_change_during_its_processing(
-        graph: ParameterGraph, stereo_frames: list[Any], recorded_results: list[Any]) -> None:
+        graph: ParameterHarness, stereo_frames: list[Any], recorded_results: list[Any]) -> None:
     """Deterministic: the parameters change while each pair is inside the reconstructor, once before its forward
     reads the pipeline config and once after it, from the executor (the SetParameters service) while the worker
     waits."""
@@ -200,7 +155,7 @@ def test_a_pair_keeps_its_parameters_when_they_change_during_its_processing(
 
 
 def test_pairs_stay_consistent_under_a_storm_of_parameter_changes(
-        graph: ParameterGraph, stereo_frames: list[Any], recorded_results: list[Any]) -> None:
+        graph: ParameterHarness, stereo_frames: list[Any], recorded_results: list[Any]) -> None:
     node = graph.node
     stop = threading.Event()
     changes, refused = [0], []

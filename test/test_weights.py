@@ -115,6 +115,17 @@ def fetch(item: WeightsFile, directory: Path, **kwargs: Any) -> FetchResult:
     return fetch_file(item, directory, timeout=TIMEOUT, progress=False, **kwargs)
 
 
+def fetch_broken_once(server: tuple[str, ServerState], directory: Path, match: str, **fault: int) -> None:
+    """Serve PAYLOAD as weights.pth, broken once as ``fault`` says (``cut_after=N`` or ``stall_after=N``: see
+    ServerState), and check that a fetch into ``directory`` fails with ``match``."""
+    base, state = server
+    state.files['weights.pth'] = PAYLOAD
+    for how, after in fault.items():
+        getattr(state, how)['weights.pth'] = after
+    with pytest.raises(WeightsError, match=match):
+        fetch(entry(base), directory)
+
+
 # ------------------------------------------------------------------------------------------------ downloads
 def test_download_verifies_and_installs_atomically(server, tmp_path) -> None:
     base, state = server
@@ -138,10 +149,7 @@ def test_download_verifies_and_installs_atomically(server, tmp_path) -> None:
 
 def test_interrupted_transfer_resumes_with_range(server, tmp_path) -> None:
     base, state = server
-    state.files['weights.pth'] = PAYLOAD
-    state.cut_after['weights.pth'] = 100_000
-    with pytest.raises(WeightsError, match=r'interrupted after 100000 of 307204 bytes.*again to resume'):
-        fetch(entry(base), tmp_path)
+    fetch_broken_once(server, tmp_path, r'interrupted after 100000 of 307204 bytes.*again to resume', cut_after=100_000)
     part = tmp_path / f'weights.pth{PART_SUFFIX}'
     assert part.read_bytes() == PAYLOAD[:100_000] and not (tmp_path / 'weights.pth').exists()
     result = fetch(entry(base), tmp_path)
@@ -153,11 +161,8 @@ def test_interrupted_transfer_resumes_with_range(server, tmp_path) -> None:
 
 def test_server_without_range_support_restarts_from_zero(server, tmp_path) -> None:
     base, state = server
-    state.files['weights.pth'] = PAYLOAD
     state.ignore_range.add('weights.pth')
-    state.cut_after['weights.pth'] = 5000
-    with pytest.raises(WeightsError, match='interrupted'):
-        fetch(entry(base), tmp_path)
+    fetch_broken_once(server, tmp_path, 'interrupted', cut_after=5000)
     result = fetch(entry(base), tmp_path)
     assert state.requests[-1][1] == 'bytes=5000-'                   # it asked to resume ...
     assert result.received == len(PAYLOAD) and result.verified       # ... got everything again, not appended
@@ -193,11 +198,8 @@ def test_http_error_says_how_to_retry(server, tmp_path) -> None:
 
 
 def test_slow_server_times_out_and_keeps_the_partial_file(server, tmp_path) -> None:
-    base, state = server
-    state.files['weights.pth'] = PAYLOAD
-    state.stall_after['weights.pth'] = 2000
-    with pytest.raises(WeightsError, match=r'no answer within 0\.3 s \(--timeout\).*again to resume'):
-        fetch(entry(base), tmp_path)
+    base, _ = server
+    fetch_broken_once(server, tmp_path, r'no answer within 0\.3 s \(--timeout\).*again to resume', stall_after=2000)
     assert (tmp_path / f'weights.pth{PART_SUFFIX}').stat().st_size == 2000
     assert fetch(entry(base), tmp_path).sha256 == SHA
 

@@ -51,6 +51,14 @@ def remap_arguments(topics: Mapping[str, str]) -> list[str]:
     return ['--ros-args'] + [arg for source, target in topics.items() for arg in ('-r', f'{source}:={target}')]
 
 
+def add_remapped_lsm_node(graph: RosGraph, reconstructor: Any, namespace: str, topics: Mapping[str, str]) -> Any:
+    """An ``LsmNode`` in ``namespace`` with its inputs remapped to ``topics`` (:func:`stereo_input_topics`),
+    spun by ``graph``."""
+    from lsm_ros.ros.node import LsmNode
+    return graph.add(LsmNode(reconstructor, context=graph.context, namespace=namespace,
+                             cli_args=remap_arguments(topics), use_global_arguments=False))
+
+
 # ---------------------------------------------------------------------------------------------- stereo publisher
 class StereoStream:
     """Publishes the synthetic rig's stereo frames (images and CameraInfo with the baseline, SensorDataQoS) on
@@ -167,6 +175,26 @@ class StereoPublisherProcess:
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    def wait_connected(self, observer_connected: Callable[[], bool], observer: str, timeout_s: float) -> None:
+        """Wait until lsm_node subscribes this publisher's topics and ``observer_connected()`` (the ``observer``
+        sees lsm_node); RuntimeError after ``timeout_s``."""
+        if not wait_until(lambda: self.call('connected') and observer_connected(), timeout_s, poll_s=0.1):
+            raise RuntimeError(f'lsm_node, the stereo publisher and {observer} did not discover each other within '
+                               f'{timeout_s:.0f} s')
+
+    def publish_warmup_pair(self, lsm_node: Any, arrived: Callable[[int], bool], products: str, timeout_s: float,
+                            poll_s: float) -> tuple[int, float]:
+        """CameraInfo, then one pair 0.2 s later; wait until ``arrived(stamp)`` (its ``products`` arrived; polled
+        every ``poll_s``); RuntimeError with lsm_node's statistics after ``timeout_s``. Returns the pair's
+        (stamp, monotonic time sent)."""
+        self.call('publish_infos', time.time_ns())
+        time.sleep(0.2)                                    # CameraInfo precedes the first images
+        stamp_ns, sent = self.call('publish_pair')
+        if not wait_until(lambda: arrived(stamp_ns), timeout_s, poll_s=poll_s):
+            raise RuntimeError(f'no {products} for the warm-up pair within {timeout_s:.0f} s: '
+                               f'{lsm_node.statistics()}')
+        return stamp_ns, sent
 
     def close(self) -> None:
         """Stop the child (asked, then terminated after 10 s)."""
@@ -565,27 +593,17 @@ def run_load_test(reconstructor: Any, config: LoadTestConfig = LoadTestConfig())
 
 
 def _run(reconstructor: Any, config: LoadTestConfig, environment: Mapping[str, str]) -> LoadTestResult:
-    from lsm_ros.ros.node import LsmNode
-
     topics = stereo_input_topics(f'/{config.namespace}/stereo')
     publisher: StereoPublisherProcess | None = None
     with RosGraph(name='lsm_load', steady=config.steady_executor) as graph:
         try:
-            lsm_node = graph.add(LsmNode(reconstructor, context=graph.context, namespace=config.namespace,
-                                         cli_args=remap_arguments(topics), use_global_arguments=False))
+            lsm_node = add_remapped_lsm_node(graph, reconstructor, config.namespace, topics)
             observer = _Observer(graph.context, lsm_node)
             graph.add(observer.node)
             publisher = StereoPublisherProcess(topics, 'lsm_load_stereo_stream')
-            if not wait_until(lambda: publisher.call('connected') and observer.connected(), 60.0, poll_s=0.1):
-                raise RuntimeError('lsm_node, the stereo publisher and the observer did not discover each other '
-                                   'within 60 s')
+            publisher.wait_connected(observer.connected, 'the observer', 60.0)
             _log.info('load test: ROS_DOMAIN_ID=%s (localhost only), warm-up pair', environment['ROS_DOMAIN_ID'])
-            publisher.call('publish_infos', time.time_ns())
-            time.sleep(0.2)                                    # CameraInfo precedes the first images
-            warmup_stamp, _ = publisher.call('publish_pair')
-            if not wait_until(lambda: observer.has_info(warmup_stamp), config.setup_timeout_s, poll_s=0.05):
-                raise RuntimeError(f'no ~/info for the warm-up pair within {config.setup_timeout_s:.0f} s: '
-                                   f'{lsm_node.statistics()}')
+            publisher.publish_warmup_pair(lsm_node, observer.has_info, '~/info', config.setup_timeout_s, poll_s=0.05)
             lsm_node.wait_idle(config.setup_timeout_s)
             before = lsm_node.statistics()
             record = _stream(config, lsm_node, observer, publisher)
