@@ -159,6 +159,11 @@ class NodeConfig:
     camera_info_tolerance_s: float = _param(
         0.5, 'Largest stamp difference (seconds) between an image and the CameraInfo used for it.',
         min_value=0.0, max_value=3600.0)
+    camera_info_wait_s: float = _param(
+        1.0, 'How long (seconds, arrival time) a synchronised pair whose CameraInfo has not arrived yet waits for '
+        'it (CameraInfo travels on its own topics and may be delivered after the images); one pair waits at a '
+        'time, a newer one replaces it. 0: reject such a pair at once (missing_camera_info).',
+        min_value=0.0, max_value=10.0)
     max_input_age_s: float = _param(
         0.0, 'Reject pairs whose stamp is older than this (seconds, node clock); 0 disables the check. Pairs '
         'not newer than the last processed pair are always rejected.', min_value=0.0, max_value=3600.0)

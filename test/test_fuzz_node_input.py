@@ -103,7 +103,7 @@ def _input_callbacks(node: Any) -> dict[str, Callable[[Any], None]]:
 @pytest.fixture(scope='module', params=['raw', 'compressed'])
 def harness(request: pytest.FixtureRequest, ros_context: Any, tiny_reconstructor: Any) -> Iterator[Harness]:
     transport = request.param
-    overrides: dict[str, Any] = dict(log_throttle_s=3600.0)
+    overrides: dict[str, Any] = dict(log_throttle_s=3600.0, camera_info_wait_s=0.0)  # reject at once
     if transport != 'raw':
         overrides['image_transport'] = transport
     node = make_lsm_node(tiny_reconstructor, ros_context, namespace=f'fuzz_{transport}', **overrides)

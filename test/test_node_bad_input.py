@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -130,6 +131,25 @@ def test_camera_info_of_another_size_is_rejected_and_use_camera_info_false_estim
         assert info.scale_source == 'none' and info.scale_factor == 1.0
     finally:
         node.set_parameters([_parameter('use_camera_info', True)])
+
+
+def test_camera_info_delivered_after_its_images_is_waited_for(harness: Any, stereo_frames: list[Any]) -> None:
+    """CameraInfo travels on its own topics: a pair whose CameraInfo comes 0.3 s after the images waits for it
+    (camera_info_wait_s = 1 s) and is reconstructed with it, not rejected as missing_camera_info."""
+    node, collector, publisher = harness
+    frame = stereo_frames[3]
+    stamp_ns = frame.stamp_ns + 200_000 * MS
+    before = _rejected(node).get(lsm.REJECT_NO_CAMERA_INFO, 0)
+    publisher.publish(frame, stamp_ns, with_camera_info=False)
+    time.sleep(0.3)
+    for key in ('left_info', 'right_info'):
+        info = copy.copy(getattr(frame, key))
+        info.header = copy.copy(info.header)
+        info.header.stamp = conversions.nanoseconds_to_stamp(stamp_ns)
+        publisher.publishers[key].publish(info)
+    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), 60.0), node.statistics()
+    assert collector.by_stamp(lsm.INFO_TOPIC, stamp_ns)[0].intrinsics_source == 'camera_info'
+    assert _rejected(node).get(lsm.REJECT_NO_CAMERA_INFO, 0) == before
 
 
 def _parameter(name: str, value: Any) -> Any:

@@ -366,6 +366,16 @@ class ReceivedImage:
 
 
 @dataclass
+class PairAwaitingCameraInfo:
+    """A synchronised pair held until its CameraInfo arrives (or ``deadline_s``, monotonic, passes)."""
+
+    pair: StereoPair[ReceivedImage]
+    settings: Any                 # the ParameterSnapshot it is processed with
+    deadline_s: float
+    message: str                  # the rejection to report if it expires
+
+
+@dataclass
 class PreparedPair:
     """A checked pair, ready for the network: RGB arrays, calibration, the frames of its products and the
     parameters it is processed with (one snapshot, taken when the pair was formed)."""
@@ -483,6 +493,7 @@ class LsmNode(LifecycleNode):
         self._stale_unpaired: dict[Side, collections.deque[int]] = {
             side: collections.deque(maxlen=STALE_PARTNER_MEMORY) for side in ('left', 'right')}
         self._last_accepted_stamp_ns: int | None = None
+        self._awaiting_camera_info: PairAwaitingCameraInfo | None = None   # see camera_info_wait_s
         self._once: set[str] = set()
         self._injected = reconstructor
         self._reconstructor: Reconstructor | None = None
@@ -606,6 +617,7 @@ class LsmNode(LifecycleNode):
             self._synchronizer = self._make_synchronizer(cfg)
             self._camera_infos = CameraInfoCache()
             with self._lock:
+                self._awaiting_camera_info = None
                 self._last_accepted_stamp_ns = None
                 self._once.discard('inactive_images')
             self._create_publishers(reconstructor.semantic, cfg)
@@ -747,6 +759,8 @@ class LsmNode(LifecycleNode):
         if self._synchronizer is not None:
             self._synchronizer.reset()
         self._camera_infos = None
+        with self._lock:
+            self._awaiting_camera_info = None
         self._topic_monitor.forget()      # the subscriptions are gone; configure watches the topics again
         with self._lock:
             self._last_scale = (diagnostics.SCALE_UNKNOWN, '', None)
@@ -884,6 +898,13 @@ class LsmNode(LifecycleNode):
         image_type = CompressedImage if transport == 'compressed' else Image
         suffix = COMPRESSED_SUFFIX if transport == 'compressed' else ''
         self._input_topics = {}
+        # CameraInfo first: when an image and its CameraInfo are ready in the same wait, the executor takes them in
+        # creation order.
+        for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
+            subscription = self.create_subscription(CameraInfo, topic, self._camera_info_callback(side),
+                                                    qos_profile_sensor_data)
+            self._subscriptions_created.append(subscription)
+            self._input_topics[f'{side}_info'] = subscription.topic_name
         for side, base in (('left', LEFT_IMAGE_TOPIC), ('right', RIGHT_IMAGE_TOPIC)):
             # image_transport resolves (remaps) the base topic, then appends the transport's suffix
             topic = self.resolve_topic_name(base) + suffix if suffix else base
@@ -891,11 +912,6 @@ class LsmNode(LifecycleNode):
                                                     qos_profile_sensor_data)
             self._subscriptions_created.append(subscription)
             self._input_topics[side] = subscription.topic_name
-        for side, topic in (('left', LEFT_INFO_TOPIC), ('right', RIGHT_INFO_TOPIC)):
-            subscription = self.create_subscription(CameraInfo, topic, self._camera_info_callback(side),
-                                                    qos_profile_sensor_data)
-            self._subscriptions_created.append(subscription)
-            self._input_topics[f'{side}_info'] = subscription.topic_name
         for side in ('left', 'right'):
             self._topic_monitor.watch(self._input_topics[side], required=True)
         self._watch_camera_infos(self._lsm_params.node_config.use_camera_info)
@@ -1010,6 +1026,7 @@ class LsmNode(LifecycleNode):
             cache = self._camera_infos
             if cache is not None:
                 cache.update(side, stamp_ns, msg)
+                self._retry_pair_awaiting_camera_info()
         return on_camera_info
 
     def _new_stale_pair(self, side: Side, stamp_ns: int, tolerance_ns: int) -> bool:
@@ -1032,8 +1049,42 @@ class LsmNode(LifecycleNode):
         try:
             prepared = self._prepare_pair(pair, settings)
         except InputRejected as exc:
+            wait_s = settings.node.camera_info_wait_s
+            if exc.reason == REJECT_NO_CAMERA_INFO and wait_s > 0:
+                self._await_camera_info(PairAwaitingCameraInfo(pair, settings, time.monotonic() + wait_s, str(exc)))
+            else:
+                self._reject(exc.reason, str(exc))
+            return
+        self._submit(prepared)
+
+    def _await_camera_info(self, waiting: PairAwaitingCameraInfo) -> None:
+        """Hold a pair whose CameraInfo is missing; the pair it replaces is rejected (missing_camera_info)."""
+        with self._lock:
+            replaced, self._awaiting_camera_info = self._awaiting_camera_info, waiting
+        if replaced is not None:
+            self._reject(REJECT_NO_CAMERA_INFO, replaced.message)
+
+    def _retry_pair_awaiting_camera_info(self) -> None:
+        """Try the held pair again (a CameraInfo arrived, or the deadline may have passed): submitted when its
+        CameraInfo is there now, held on while it may still come, rejected otherwise."""
+        with self._lock:
+            waiting, self._awaiting_camera_info = self._awaiting_camera_info, None
+        if waiting is None:
+            return
+        try:
+            prepared = self._prepare_pair(waiting.pair, waiting.settings)
+        except InputRejected as exc:
+            if exc.reason == REJECT_NO_CAMERA_INFO and time.monotonic() < waiting.deadline_s:
+                with self._lock:
+                    if self._awaiting_camera_info is None:   # else a newer pair took the slot: this one goes
+                        self._awaiting_camera_info = waiting
+                        return
             self._reject(exc.reason, str(exc))
             return
+        self._submit(prepared)
+
+    def _submit(self, prepared: PreparedPair) -> None:
+        """Hand a checked pair to the worker (it replaces a still pending one), or count it when not active."""
         worker = self._worker
         if worker is None or not self._processing:
             with self._lock:
@@ -1041,6 +1092,13 @@ class LsmNode(LifecycleNode):
             return
         with self._lock:
             self._last_accepted_stamp_ns = prepared.stamp_ns
+            held = self._awaiting_camera_info
+            if held is not None and held.pair.stamp_ns < prepared.stamp_ns:
+                self._awaiting_camera_info = None   # overtaken by a newer pair: it would be stale now
+            else:
+                held = None
+        if held is not None:
+            self._reject(REJECT_NO_CAMERA_INFO, held.message)
         try:
             worker.submit(prepared)  # replaces a still pending pair (counted in statistics()['worker'])
         except RuntimeError:     # stopped by a concurrent cleanup
@@ -1614,8 +1672,10 @@ class LsmNode(LifecycleNode):
         return array
 
     def _on_diagnostics_timer(self) -> None:
-        """Timer callback: publish a report; never raises (a failure is counted and logged, rate-limited)."""
+        """Timer callback: expire a pair held for its CameraInfo, publish a report; never raises (a failure is
+        counted and logged, rate-limited)."""
         try:
+            self._retry_pair_awaiting_camera_info()
             self.publish_diagnostics()
         except Exception as exc:  # noqa: BLE001 - the health report must not take the executor down
             try:
