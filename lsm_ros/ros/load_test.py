@@ -53,10 +53,14 @@ def remap_arguments(topics: Mapping[str, str]) -> list[str]:
 
 def add_remapped_lsm_node(graph: RosGraph, reconstructor: Any, namespace: str, topics: Mapping[str, str]) -> Any:
     """An ``LsmNode`` in ``namespace`` with its inputs remapped to ``topics`` (:func:`stereo_input_topics`),
-    spun by ``graph``."""
+    spun by ``graph``; it keeps the caller's torch thread count (``torch_threads`` = torch.get_num_threads())."""
+    import torch
+    from rclpy.parameter import Parameter
+
     from lsm_ros.ros.node import LsmNode
     return graph.add(LsmNode(reconstructor, context=graph.context, namespace=namespace,
-                             cli_args=remap_arguments(topics), use_global_arguments=False))
+                             cli_args=remap_arguments(topics), use_global_arguments=False,
+                             parameter_overrides=[Parameter('torch_threads', value=torch.get_num_threads())]))
 
 
 # ---------------------------------------------------------------------------------------------- stereo publisher
