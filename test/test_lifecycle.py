@@ -27,13 +27,17 @@ pytestmark = pytest.mark.timeout(120)
 QUIET_S = 1.0                       # how long "nothing was published" is watched
 
 
+MANAGED_THREADS = 1
+
+
 class ManagedHarness(NodeHarness):
     """A managed lsm_node (tiny LSM) in namespace ``managed``, a stereo publisher, and a client node with the
     lifecycle, ~/query and ~/render clients and a ~/info subscription."""
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
         self.threads_before = lsm.process_torch_threads()
-        super().__init__(context, reconstructor, namespace='managed', managed=True)
+        # an explicit count differing from torch's default (all cores), so that applying it is observable
+        super().__init__(context, reconstructor, namespace='managed', managed=True, torch_threads=MANAGED_THREADS)
 
     def add_entities(self, context: Any) -> None:
         name = self.node.get_fully_qualified_name()
@@ -103,7 +107,7 @@ def test_configure_creates_the_entities_and_an_inactive_node_counts_images(graph
     assert graph.offers_services() and graph.publishes_products()
     assert node.input_image_topic_names() == {'left': STEREO_REMAPS['left/image_rect'],
                                               'right': STEREO_REMAPS['right/image_rect']}
-    assert lsm.process_torch_threads() == lsm.torch_thread_count(0)    # torch_threads = 0: cores - 1, at least 1
+    assert lsm.process_torch_threads() == MANAGED_THREADS              # applied at configure
     assert node.statistics()['worker_running'] and node.statistics()['model_on_device']
     assert wait_until(graph.publisher.connected, 30.0)
 
@@ -134,10 +138,10 @@ def test_activate_warms_up_then_processes(graph: ManagedHarness, stereo_frames: 
         assert graph.node.lifecycle_state == 'active' == graph.state()
         warm_up = logs.messages('info', 'warm-up: one forward on a synthetic 224x224 pair')
         assert len(warm_up) == 1 and ' s' in warm_up[0], logs.records
-        assert forwards == [((224, 224, 3), lsm.torch_thread_count(0))]   # the warm-up: one forward at model size
+        assert forwards == [((224, 224, 3), MANAGED_THREADS)]   # the warm-up: one forward at model size
         assert graph.node.statistics()['worker']['submitted'] == 0       # the warm-up pair is not a processed pair
         stamp_ns = graph.play(stereo_frames[1])
-        assert len(forwards) == 2 and forwards[1][1] == lsm.torch_thread_count(0)   # the worker thread's count too
+        assert len(forwards) == 2 and forwards[1][1] == MANAGED_THREADS   # the worker thread's count too
     finally:
         del reconstructor.reconstruct
     response = graph.query()
@@ -274,12 +278,12 @@ def test_the_plain_default_is_active_at_once_and_can_still_be_managed(ros_contex
 
 
 def test_torch_threads_parameter() -> None:
-    assert [lsm.torch_thread_count(0, cores) for cores in (1, 2, 16)] == [1, 1, 15]
+    assert [lsm.torch_thread_count(0, cores) for cores in (1, 2, 16)] == [1, 2, 16]   # 0: every core
     assert lsm.torch_thread_count(3, cores=2) == 3                    # an explicit count is taken as is
-    assert lsm.torch_thread_count(0) == max(1, lsm.available_cpu_cores() - 1)
+    assert lsm.torch_thread_count(0) == lsm.available_cpu_cores()
     from lsm_ros.config import NodeConfig, parameter_specs
     spec = {s.name: s for s in parameter_specs(NodeConfig)}['torch_threads']
-    assert spec.default == 0 and spec.read_only and '68 s' in spec.description and '13.3 s' in spec.description
+    assert spec.default == 0 and spec.read_only and '9.2 s' in spec.description and '14.1 s' in spec.description
     with pytest.raises(ValueError, match='torch_threads'):
         spec.validate(-1)
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -327,9 +326,6 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
     with RosGraph(name='lsm_demo') as graph:
         context = graph.context
         overrides = [Parameter('publish_tf', value=publish_tf)]
-        if not realtime and 'torch_threads' not in (node_parameters or {}):
-            # one pair at a time: no stream competes with inference, so torch keeps every core it has
-            overrides.append(Parameter('torch_threads', value=torch.get_num_threads()))
         overrides += [Parameter(name, value=value) for name, value in (node_parameters or {}).items()]
         input_remaps = {LEFT_IMAGE_TOPIC: remap[stereo_topics.left_image],
                         RIGHT_IMAGE_TOPIC: remap[stereo_topics.right_image],

@@ -274,11 +274,11 @@ def available_cpu_cores() -> int:
 
 
 def torch_thread_count(setting: int, cores: int | None = None) -> int:
-    """The torch intra-op thread count of the ``torch_threads`` parameter: itself when > 0, else the CPU cores
-    minus one (at least 1), which leaves a core to the ROS executor."""
+    """The torch intra-op thread count of the ``torch_threads`` parameter: itself when > 0, else every CPU core
+    this process may use (measured best with the steady executor: docs/performance.md)."""
     if setting > 0:
         return setting
-    return max(1, (available_cpu_cores() if cores is None else cores) - 1)
+    return available_cpu_cores() if cores is None else max(1, cores)
 
 
 def process_torch_threads() -> int:
@@ -785,7 +785,7 @@ class LsmNode(LifecycleNode):
         self._torch_threads = threads
         torch.set_num_threads(threads)
         how = (f'torch_threads = {setting}' if setting > 0 else
-               f'torch_threads = 0: {available_cpu_cores()} CPU core(s) minus one for the ROS executor, at least 1')
+               f'torch_threads = 0: every one of the {available_cpu_cores()} CPU core(s)')
         self.get_logger().info(f'torch runs {threads} intra-op thread(s) ({how}; was {previous})')
 
     def _use_torch_threads(self) -> None:
