@@ -70,18 +70,28 @@ def add_weights_arguments(parser: argparse.ArgumentParser, *, inference: bool = 
 def build_reconstructor(args: argparse.Namespace, *, allow_untrained: bool):
     """A :class:`~lsm_ros.pipeline.Reconstructor` from the parsed options.
 
-    Official files when given (the LSM file: full model; the DUSt3R file alone: geometry only); else, if
-    ``args.reference_weights`` or ``allow_untrained``, the full LSM with the reference weights (or, without the
-    reference folder, seeded random weights at the official size), with a loud warning."""
+    Official files when given (the LSM file: full model; the DUSt3R file alone: geometry only); else, unless
+    ``args.reference_weights``, the official files installed by ``lsm-ros weights fetch`` (``$LSM_ROS_WEIGHTS`` or
+    ``~/.cache/lsm_ros/weights``); else, if ``args.reference_weights`` or ``allow_untrained``, the full LSM with the
+    reference weights (or, without the reference folder, seeded random weights at the official size), with a loud
+    warning."""
+    import dataclasses
+
     from lsm_ros.config import PipelineConfig
     from lsm_ros.pipeline import Reconstructor
     from lsm_ros.reference_weights import find_reference_dir
+    from lsm_ros.weights import default_weights_dir, installed_checkpoints
 
     config = PipelineConfig(dust3r_checkpoint=args.dust3r_checkpoint, lseg_checkpoint=args.lseg_checkpoint,
                             lsm_checkpoint=args.lsm_checkpoint, device=args.device, resolution=args.resolution,
                             min_confidence=args.min_confidence)
     if args.dust3r_checkpoint or args.lsm_checkpoint:
         return Reconstructor.from_checkpoints(config=config)
+    installed = {} if args.reference_weights else installed_checkpoints()
+    if installed:
+        _log.info('using the official weights installed in %s (lsm-ros weights fetch)%s', default_weights_dir(),
+                  '' if 'lsm_checkpoint' in installed else ': DUSt3R only (geometry; LSeg or LSM missing)')
+        return Reconstructor.from_checkpoints(config=dataclasses.replace(config, **installed))
     if not (args.reference_weights or allow_untrained):
         raise SystemExit('lsm-ros: no weights given. Pass the official files (--lsm-checkpoint checkpoint-final.pth '
                          'with --dust3r-checkpoint and --lseg-checkpoint, or --dust3r-checkpoint alone for geometry '
@@ -499,7 +509,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         outputs += ('labels',)
     if 'labels' in outputs:
         phrases = phrases or DEFAULT_LABELS
-        if not (args.lsm_checkpoint or args.reference_weights):
+        from lsm_ros.weights import installed_checkpoints
+        if not (args.lsm_checkpoint or args.reference_weights or 'lsm_checkpoint' in installed_checkpoints()):
             raise SystemExit('lsm-ros: the labels channel decodes the rendered features with the LSM network: pass '
                              'the official files (--lsm-checkpoint checkpoint-final.pth with --dust3r-checkpoint '
                              'and --lseg-checkpoint) or --reference-weights (untrained), or leave labels out')

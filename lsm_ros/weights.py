@@ -111,6 +111,25 @@ def default_weights_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / '.cache' / 'lsm_ros' / 'weights'
 
 
+def installed_checkpoints(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The official files installed in ``directory`` (default :func:`default_weights_dir`, where ``weights fetch``
+    puts them) as PipelineConfig fields: all three (``dust3r_checkpoint``, ``lseg_checkpoint``, ``lsm_checkpoint``:
+    the full LSM) when all are there, else ``dust3r_checkpoint`` alone (geometry only) when DUSt3R is, else {}.
+    A file's ``weights convert`` conversion (``<stem>.safetensors``, no pickle) is preferred to the original."""
+    from lsm_ros.model.checkpoint import SAFETENSORS_SUFFIX
+    folder = Path(directory).expanduser() if directory is not None else default_weights_dir()
+    found: dict[str, str] = {}
+    for entry in OFFICIAL_WEIGHTS:
+        original = folder / entry.filename
+        for candidate in (original.with_suffix(SAFETENSORS_SUFFIX), original):
+            if candidate.is_file():
+                found[entry.key] = str(candidate)
+                break
+    if {'dust3r', 'lseg', 'lsm'} <= found.keys():
+        return {f'{key}_checkpoint': found[key] for key in ('dust3r', 'lseg', 'lsm')}
+    return {'dust3r_checkpoint': found['dust3r']} if 'dust3r' in found else {}
+
+
 def select_weights(only: Iterable[str] | None = None,
                    files: Sequence[WeightsFile] = OFFICIAL_WEIGHTS) -> tuple[WeightsFile, ...]:
     """The entries of ``files`` whose key is in ``only`` (all when None or empty), in registry order."""

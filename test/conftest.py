@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ if str(REPO_ROOT) not in sys.path:
 from lsm_ros.ros.isolation import apply_localhost_only_environment, reserve_domain_id  # noqa: E402 (no rclpy)
 
 ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id())
+# Official weights installed on this machine (lsm-ros weights fetch) must not change what the tests run: the default
+# weights folder of this session (and of the processes it starts) is an empty one of its own.
+os.environ['LSM_ROS_WEIGHTS'] = tempfile.mkdtemp(prefix='lsm_ros_test_weights_')
 assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
 
 from lsm_ros.ros.graph import RosGraph, wait_until  # noqa: E402,F401 (after the isolation; wait_until for the tests)

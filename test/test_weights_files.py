@@ -428,3 +428,42 @@ def test_metadata_of_a_safetensors_file_cannot_run_code(files, model, tmp_path) 
         LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'evil.safetensors', dust3r=files['dust3r_st'],
                                                     lseg=files['lseg_st'], config=model.config)
     assert not sentinel.exists()
+
+
+def test_installed_official_weights_are_found_and_used_by_the_cli(model, files, tmp_path, monkeypatch) -> None:
+    """`lsm-ros weights fetch` installs into the default folder; the CLI then uses those files when no checkpoint
+    option is given (the full LSM when all three are there, DUSt3R alone otherwise; conversions preferred)."""
+    import shutil
+
+    from lsm_ros.cli import build_reconstructor
+    from lsm_ros.weights import WEIGHTS_ENV, installed_checkpoints
+    folder = tmp_path / 'installed'
+    folder.mkdir()
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    assert installed_checkpoints() == {}
+    shutil.copy(files['dust3r'], folder / DUST3R)
+    assert installed_checkpoints() == {'dust3r_checkpoint': str(folder / DUST3R)}   # geometry only
+    shutil.copy(files['lsm'], folder / LSM)
+    assert installed_checkpoints() == {'dust3r_checkpoint': str(folder / DUST3R)}   # the LSM needs LSeg too
+    shutil.copy(files['lseg'], folder / LSEG)
+    assert installed_checkpoints() == {'dust3r_checkpoint': str(folder / DUST3R),
+                                       'lseg_checkpoint': str(folder / LSEG), 'lsm_checkpoint': str(folder / LSM)}
+    converted_lseg = folder / files['lseg_st'].name
+    shutil.copy(files['lseg_st'], converted_lseg)
+    assert installed_checkpoints()['lseg_checkpoint'] == str(converted_lseg)        # no pickle when possible
+
+    # build_reconstructor hands them to Reconstructor.from_checkpoints (whose loading the tests above cover; these
+    # tiny files need their model config, which the official constructor string cannot carry)
+    from lsm_ros.pipeline import Reconstructor
+    loaded = []
+    monkeypatch.setattr(Reconstructor, 'from_checkpoints', classmethod(lambda cls, **kw: loaded.append(kw) or 'model'))
+    args = argparse.Namespace(dust3r_checkpoint='', lseg_checkpoint='', lsm_checkpoint='', device='cpu',
+                              resolution=224, min_confidence=1.0, reference_weights=False)
+    assert build_reconstructor(args, allow_untrained=False) == 'model'
+    config = loaded[0]['config']
+    assert (config.dust3r_checkpoint, config.lseg_checkpoint, config.lsm_checkpoint) == (
+        str(folder / DUST3R), str(converted_lseg), str(folder / LSM))
+    assert (config.device, config.resolution) == ('cpu', 224)
+    args.lsm_checkpoint = str(files['lsm'])           # an explicit file wins over the installed ones
+    build_reconstructor(args, allow_untrained=False)
+    assert loaded[1]['config'].lsm_checkpoint == str(files['lsm']) and not loaded[1]['config'].lseg_checkpoint
