@@ -78,6 +78,12 @@ activates itself in its constructor; with ``managed:=true`` it starts unconfigur
 Runtime parameter changes are all or nothing (one SetParameters request with several parameters: all applied or
 none, the reason names the refused ones) and every pair is processed with one snapshot of the parameters, taken
 when the pair is formed: its checks, its reconstruction and its publishing never mix old and new values.
+
+Where the code is: this module has the node (life cycle, parameters, pairing and checking input, publishing, the
+service wrapper), its topic and service names and its ``REJECT_*`` reasons. :mod:`lsm_ros.ros.services` checks
+~/query and ~/render requests and fills their responses, :mod:`lsm_ros.ros.input_checks` checks image sizes and
+CameraInfo, :mod:`lsm_ros.ros.runtime` has the torch thread count, out-of-memory handling and the warm-up pair;
+the names moved there can still be imported from here.
 """
 from __future__ import annotations
 
@@ -85,9 +91,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import gc
+import gc  # noqa: F401 - lsm_ros.ros.node.gc: tests patch gc.collect through it
 import logging
-import os
 import signal
 import sys
 import threading
@@ -97,7 +102,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import rclpy
-import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from lifecycle_msgs.msg import State
@@ -111,7 +115,6 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.service import Service
 from rclpy.subscription import Subscription
 from rcl_interfaces.msg import SetParametersResult
-from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
@@ -119,21 +122,31 @@ from tf2_msgs.msg import TFMessage
 from lsm_ros import semantics
 from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.msg import ReconstructionInfo
-from lsm_ros.pipeline import (DEPTH_MIN_ALPHA, RENDER_CHANNELS, CameraCalibration, GaussianCloud, Reconstruction,
-                              Reconstructor, RenderedView)
-from lsm_ros.preprocess import plan_crop
+from lsm_ros.pipeline import CameraCalibration, GaussianCloud, Reconstruction, Reconstructor
 from lsm_ros.ros import conversions, diagnostics
 from lsm_ros.ros.diagnostics import DIAGNOSTICS_TOPIC, DiagnosticThresholds, LatencyMonitor, NodeHealth, \
     TopicRateMonitor
 from lsm_ros.ros.graph import SteadyMultiThreadedExecutor
+from lsm_ros.ros.input_checks import calibration_from_camera_infos, model_input_problem, no_baseline_reason
 from lsm_ros.ros.isolation import apply_node_environment_defaults
 from lsm_ros.ros.params import (AllOrNothingParameterService, LsmParameters, ParameterSnapshot,
                                 set_parameters_all_or_nothing)
+from lsm_ros.ros.runtime import OUT_OF_MEMORY_ERRORS, TorchThreads, release_cached_memory, warmup_pair
+from lsm_ros.ros.services import (MIDWAY_FRAME_SUFFIX, LatestReconstruction, ModelAccess, QueryRefused,
+                                  RenderRefused, ServiceKind, ServiceRefused, fill_query_response,
+                                  fill_render_response, midway_pose, parse_query_request, parse_render_request,
+                                  query_answer, render_request, render_view_camera)
 from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, SYNC_DROP_REASONS, CameraInfoCache, LatestPairWorker,
                               RateLimitedLog, Side, StereoPair, StereoSynchronizer)
 from lsm_ros.semantics import QueryResult
 from lsm_ros.srv import RenderView, TextQuery
 from lsm_ros.visualization import FeaturePca
+# Moved to the modules above, still importable from here (tests and other modules read them from lsm_ros.ros.node).
+from lsm_ros.ros.input_checks import MIN_IMAGE_SIDE_PX  # noqa: F401
+from lsm_ros.ros.runtime import (WARMUP_SHIFT_PX, available_cpu_cores,  # noqa: F401
+                                 process_torch_threads, torch_thread_count)
+from lsm_ros.ros.services import (DEFAULT_RENDER_CHANNELS, MAX_FEATURE_RENDER_PIXELS,  # noqa: F401
+                                  MAX_RENDER_SIDE, RENDER_REQUEST_CHANNELS, VirtualCamera, is_pinhole_matrix)
 
 NODE_NAME = 'lsm_node'
 # Input topics (relative: remap them, e.g. left/image_rect:=/stereo/left/image_rect).
@@ -162,11 +175,6 @@ SEMANTIC_OVERLAY_TOPIC = '~/semantic/overlay'
 SEMANTIC_TOPICS = (SEMANTIC_LABELS_TOPIC, SEMANTIC_OVERLAY_TOPIC)
 QUERY_SERVICE = '~/query'
 RENDER_SERVICE = '~/render'
-RENDER_REQUEST_CHANNELS = ('rgb', 'depth', 'alpha', 'features', 'labels')   # channels of a ~/render request
-DEFAULT_RENDER_CHANNELS = ('rgb', 'depth')
-MAX_RENDER_SIDE = 2048           # pixels per side of a ~/render image
-MAX_FEATURE_RENDER_PIXELS = 1024 * 1024  # pixels of a ~/render with features or labels (~3 GB of CPU memory)
-MIDWAY_FRAME_SUFFIX = '_midway'  # frame of the 'midway' render view: <left frame>_midway
 # Frames used when neither the parameter nor the image header names one.
 DEFAULT_LEFT_FRAME = 'lsm_left_camera_optical_frame'
 DEFAULT_RIGHT_FRAME = 'lsm_right_camera_optical_frame'
@@ -179,9 +187,6 @@ DIAGNOSTICS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliabil
                              durability=DurabilityPolicy.VOLATILE)  # as diagnostic_updater
 DIAGNOSTICS_WINDOW_S = 5.0       # input rates and stamps of /diagnostics are taken over this sliding window
 LATENCY_WINDOW = 100             # /diagnostics latency median and p95 are taken over this many recent pairs
-# Smallest image side lsm_ros.preprocess takes (it refuses a side under 2 pixels); an image must also leave a
-# non-empty crop at the model resolution (lsm_ros.preprocess.plan_crop), else it is rejected as bad_image_data.
-MIN_IMAGE_SIDE_PX = 2
 STALE_PARTNER_MEMORY = 16        # late images per side remembered to count a late pair once
 
 # Reasons for which a pair gives no output (counted in LsmNode.statistics()['rejected']).
@@ -194,10 +199,6 @@ REJECT_STALE = 'stale_stamp'
 REJECT_TOO_OLD = 'too_old'
 REJECT_RECONSTRUCTION = 'reconstruction_failed'   # inference raised
 REJECT_OUT_OF_MEMORY = 'out_of_memory'            # inference ran out of (accelerator or host) memory
-# Errors that count as running out of memory (torch's CUDA OOM is a RuntimeError: caught before the others).
-OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
-    error for error in (getattr(torch, 'OutOfMemoryError', None), getattr(torch.cuda, 'OutOfMemoryError', None),
-                        MemoryError) if error is not None))
 
 # Lifecycle: primary states (labels as lifecycle_msgs/State and `ros2 lifecycle get` spell them).
 STATE_UNCONFIGURED = 'unconfigured'
@@ -207,7 +208,6 @@ STATE_FINALIZED = 'finalized'
 DEACTIVATE_TIMEOUT_S = 120.0     # deactivate waits this long for the pair being reconstructed
 STOP_TIMEOUT_S = 30.0            # cleanup/shutdown wait this long for the worker thread to stop
 SERVICE_DRAIN_TIMEOUT_S = 60.0   # freeing the model waits this long for ~/query and ~/render calls using it
-WARMUP_SHIFT_PX = 8              # disparity of the synthetic warm-up pair
 
 CHECKPOINT_HELP = (
     'lsm_node needs the official DUSt3R weights: pass the file with -p dust3r_checkpoint:=/path/to/'
@@ -216,29 +216,8 @@ CHECKPOINT_HELP = (
     '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml.')
 
 
-class ServiceRefused(ValueError):
-    """A ~/query or ~/render request that cannot be answered; the message says why."""
-
-
-class QueryRefused(ServiceRefused):
-    """A ~/query request that cannot be answered; the message says why."""
-
-
-class RenderRefused(ServiceRefused):
-    """A ~/render request that cannot be answered; the message says why."""
-
-
 class TransitionFailed(RuntimeError):
     """A lifecycle transition that cannot complete; the node stays in its previous primary state."""
-
-
-@dataclass(frozen=True)
-class ServiceKind:
-    """What :meth:`LsmNode._answer_service` needs to know of a service: its name, counter prefix and noun."""
-
-    service: str        # '~/query'
-    counter: str        # statistics()['counts'][counter], counter + '_refused', counter + '_failed'
-    noun: str           # in messages: 'query failed: ...'
 
 
 QUERY = ServiceKind(QUERY_SERVICE, 'queries', 'query')
@@ -248,105 +227,6 @@ RENDER = ServiceKind(RENDER_SERVICE, 'renders', 'render')
 def render_view_topics(view: str) -> tuple[str, str]:
     """(image, camera_info) topics of a ``render_views`` view."""
     return f'~/render/{view}/image', f'~/render/{view}/camera_info'
-
-
-def midway_pose(T_left_right: np.ndarray) -> np.ndarray:
-    """(4,4) pose halfway between the left camera (identity) and ``T_left_right``: half the translation and half
-    the rotation angle about the same axis, in the left frame."""
-    T = np.eye(4)
-    T[:3, :3] = Rotation.from_rotvec(0.5 * Rotation.from_matrix(T_left_right[:3, :3]).as_rotvec()).as_matrix()
-    T[:3, 3] = 0.5 * T_left_right[:3, 3]
-    return T
-
-
-def is_pinhole_matrix(K: np.ndarray) -> bool:
-    """True for a finite [fx, 0, cx; 0, fy, cy; 0, 0, 1] with fx, fy > 0."""
-    return bool(np.isfinite(K).all() and K[0, 0] > 0 and K[1, 1] > 0 and K[0, 1] == 0 and K[1, 0] == 0
-                and np.array_equal(K[2], (0.0, 0.0, 1.0)))
-
-
-def available_cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:   # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def torch_thread_count(setting: int, cores: int | None = None) -> int:
-    """The torch intra-op thread count of the ``torch_threads`` parameter: itself when > 0, else every CPU core
-    this process may use (measured best with the steady executor: docs/performance.md)."""
-    if setting > 0:
-        return setting
-    return available_cpu_cores() if cores is None else max(1, cores)
-
-
-def process_torch_threads() -> int:
-    """The torch thread count a thread started now gets: the process's current setting. (torch keeps the count per
-    thread once a thread has used it, so the calling thread's own count may differ.)"""
-    seen: list[int] = []
-    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()), name='lsm_torch_threads_probe')
-    probe.start()
-    probe.join()
-    return seen[0]
-
-
-def release_cached_memory(device: torch.device) -> None:
-    """After running out of memory: collect garbage (tensors held by reference cycles) and, on CUDA, hand torch's
-    cached blocks back to the driver."""
-    gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-
-
-def warmup_pair(resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic textured pair at the model size, ``resolution`` x ``resolution`` (H,W,3) uint8 RGB each: the right
-    view is the left one shifted by :data:`WARMUP_SHIFT_PX` pixels."""
-    width = resolution + WARMUP_SHIFT_PX
-    y, x = np.mgrid[0:resolution, 0:width].astype(np.float32)
-    texture = np.stack([128 + 100 * np.sin(x / 7.0) * np.cos(y / 11.0), 255 * x / width, 255 * y / resolution],
-                       axis=-1)
-    pattern = np.clip(texture, 0, 255).astype(np.uint8)
-    return pattern[:, WARMUP_SHIFT_PX:].copy(), pattern[:, :resolution].copy()
-
-
-def model_input_problem(width: int, height: int, resolution: int) -> str | None:
-    """Why an image of ``width`` x ``height`` cannot be pre-processed for the model at ``resolution`` (None: it can):
-    a side under :data:`MIN_IMAGE_SIDE_PX`, or a resize and crop (:func:`lsm_ros.preprocess.plan_crop`) that leaves
-    nothing, e.g. a very elongated image at 512."""
-    if width < MIN_IMAGE_SIDE_PX or height < MIN_IMAGE_SIDE_PX:
-        return (f'{width}x{height} pixels is too small: the model\'s pre-processing needs at least '
-                f'{MIN_IMAGE_SIDE_PX}x{MIN_IMAGE_SIDE_PX} pixels')
-    try:
-        plan_crop((width, height), resolution)   # type: ignore[arg-type]
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def no_baseline_reason(right_info: CameraInfo) -> tuple[str, str]:
-    """(kind, what was seen) for a right CameraInfo that gives no stereo baseline, where ``P[0,3] = -fx*B`` with B >
-    0 is expected. kind: 'zero' (P[0,3] is 0: a monocular or unrectified calibration), 'wrong_sign' (P[0,3] > 0:
-    a negative baseline, e.g. the left camera's info on the right topic or swapped cameras), 'no_projection' (P
-    malformed, all zeros or its fx not positive) or 'not_finite' (P, or B = -P[0,3]/fx, is not finite)."""
-    try:
-        P = np.asarray(right_info.p, dtype=np.float64).reshape(3, 4)
-    except ValueError:
-        return 'no_projection', f'the right CameraInfo has a malformed projection P ({len(right_info.p)} values)'
-    fx, tx = P[0, 0], P[0, 3]
-    if not np.isfinite(P).all():
-        return 'not_finite', f'the right CameraInfo\'s projection P is not finite (P[0,3] = {tx!r})'
-    if fx <= 0:
-        return 'no_projection', (f'the right CameraInfo has no rectified projection P (P[0,0] = fx = {fx:g}), so no '
-                                 'stereo baseline (P[0,3] = -fx*B)')
-    if tx == 0:
-        return 'zero', 'the right CameraInfo has no stereo baseline (P[0,3] = -fx*B is 0)'
-    if tx < 0:
-        return 'not_finite', (f'the right CameraInfo\'s baseline B = -P[0,3]/fx = {-tx:g}/{fx:g} is not a finite '
-                              'number')
-    return 'wrong_sign', (f'the right CameraInfo has P[0,3] = {tx:g} > 0, which is a negative baseline B = -P[0,3]/fx '
-                          f'= {-tx / fx:g} (the right camera of a stereo pair has P[0,3] = -fx*B < 0: is the left '
-                          'camera\'s CameraInfo on the right topic, or are the cameras swapped?); it is not used')
 
 
 class InputRejected(ValueError):
@@ -388,67 +268,6 @@ class PreparedPair:
     right_frame: str
     received_s: float             # monotonic time the later image of the pair arrived
     settings: ParameterSnapshot
-
-
-@dataclass(frozen=True)
-class LatestReconstruction:
-    """The newest published reconstruction, kept for ~/query: the result, its stamp and frames, and the answer
-    of the active label set (both views; None for the geometry-only model or when labelling failed)."""
-
-    result: Reconstruction
-    stamp_ns: int
-    left_frame: str
-    right_frame: str
-    labelled: QueryResult | None
-
-    def frame_of(self, view: int) -> str:
-        """Optical frame of view ``view`` (0 left, 1 right)."""
-        return self.left_frame if view == 0 else self.right_frame
-
-
-@dataclass(frozen=True)
-class VirtualCamera:
-    """A camera to render: its pose in the left optical frame (camera-to-left), intrinsics and size in pixels."""
-
-    T_left_camera: np.ndarray
-    K: np.ndarray
-    width: int
-    height: int
-
-
-class ModelAccess:
-    """Admits the service calls that use the model, and lets the node close the model to them: :meth:`close`
-    refuses new calls (with a reason) and waits for the running ones, so the model can then be moved or dropped."""
-
-    def __init__(self, reason: str) -> None:
-        self._condition = threading.Condition()
-        self._users = 0
-        self._open = False
-        self._reason = reason
-
-    def open(self) -> None:
-        with self._condition:
-            self._open = True
-
-    def close(self, reason: str, timeout_s: float) -> bool:
-        """Refuse new calls with ``reason``; True when no call uses the model any more within ``timeout_s``."""
-        with self._condition:
-            self._open, self._reason = False, reason
-            return self._condition.wait_for(lambda: self._users == 0, timeout=timeout_s)
-
-    @contextlib.contextmanager
-    def use(self, refused: type[ServiceRefused]) -> Iterator[None]:
-        """Hold the model for one call; raises ``refused`` with the reason while closed."""
-        with self._condition:
-            if not self._open:
-                raise refused(self._reason)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._users -= 1
-                self._condition.notify_all()
 
 
 class LsmNode(LifecycleNode):
@@ -502,8 +321,7 @@ class LsmNode(LifecycleNode):
         self._processing = False                    # active: pairs are reconstructed
         self._inactive_drops = 0                    # images received while not active
         self._failure_burst = 0                     # pairs failed in a row (inference)
-        self._torch_threads = 0                     # torch intra-op threads of this configuration (0: untouched)
-        self._torch_threads_before: int | None = None
+        self._torch_threads = TorchThreads()        # torch intra-op threads of this configuration
         self._transition_error: BaseException | None = None
         self._model_access = ModelAccess('lsm_node is not configured yet: configure and activate it '
                                          '(ros2 lifecycle set <node> configure)')
@@ -599,7 +417,7 @@ class LsmNode(LifecycleNode):
         settings = self._lsm_params.snapshot
         cfg = settings.node
         self._set_model_state(diagnostics.MODEL_LOADING, weights=self._weights_to_load(settings.pipeline))
-        self._apply_torch_threads(cfg.torch_threads)
+        self.get_logger().info(self._torch_threads.apply(cfg.torch_threads))
         try:
             if self._injected is not None:
                 reconstructor = self._injected
@@ -679,7 +497,7 @@ class LsmNode(LifecycleNode):
 
     def _warm_up(self, reconstructor: Reconstructor) -> None:
         """One forward on a synthetic pair at the model size (not published), timed and logged."""
-        self._use_torch_threads()
+        self._torch_threads.use()
         size = reconstructor.config.resolution
         left, right = warmup_pair(size)
         started = time.perf_counter()
@@ -767,38 +585,13 @@ class LsmNode(LifecycleNode):
             for unpaired in self._stale_unpaired.values():
                 unpaired.clear()
         self._set_model_state(diagnostics.MODEL_UNCONFIGURED)
-        self._restore_torch_threads()
+        self._torch_threads.restore()
 
     def _configured_reconstructor(self) -> Reconstructor:
         reconstructor = self._reconstructor
         if reconstructor is None:
             raise TransitionFailed('lsm_node is not configured')
         return reconstructor
-
-    def _apply_torch_threads(self, setting: int) -> None:
-        """torch.set_num_threads for the ``torch_threads`` parameter (the previous count is restored at cleanup).
-        torch keeps the count per thread once a thread has used it (new threads start from the last count set):
-        the worker, the warm-up and the services set it on their own thread too (:meth:`_use_torch_threads`)."""
-        threads, previous = torch_thread_count(setting), process_torch_threads()
-        if self._torch_threads_before is None:
-            self._torch_threads_before = previous
-        self._torch_threads = threads
-        torch.set_num_threads(threads)
-        how = (f'torch_threads = {setting}' if setting > 0 else
-               f'torch_threads = 0: every one of the {available_cpu_cores()} CPU core(s)')
-        self.get_logger().info(f'torch runs {threads} intra-op thread(s) ({how}; was {previous})')
-
-    def _use_torch_threads(self) -> None:
-        """Give the calling thread the configured torch thread count (a no-op when it has it already)."""
-        threads = self._torch_threads
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-    def _restore_torch_threads(self) -> None:
-        self._torch_threads = 0
-        if self._torch_threads_before is not None:
-            torch.set_num_threads(self._torch_threads_before)
-            self._torch_threads_before = None
 
     # ------------------------------------------------------------------------------------------ parameters
     def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
@@ -1173,16 +966,7 @@ class LsmNode(LifecycleNode):
                     'use_camera_info:=false to estimate the intrinsics from the images (no metric scale).'))
             infos[side] = info
         try:
-            for side, info in infos.items():
-                _, _, width, height = conversions.camera_info_to_matrices(info)
-                if (width, height) != size:
-                    raise conversions.CameraInfoError(
-                        f'{side} CameraInfo is for {width}x{height} images, the images are {size[0]}x{size[1]}')
-            K_left = conversions.rectified_intrinsics(infos['left'])
-            K_right = conversions.rectified_intrinsics(infos['right'])
-            calibration = CameraCalibration(K_left=K_left, K_right=K_right,
-                                            baseline_m=conversions.stereo_baseline_from_camera_info(infos['right']),
-                                            source='camera_info')
+            calibration = calibration_from_camera_infos(infos['left'], infos['right'], size)
         except ValueError as exc:  # CameraInfoError, or CameraCalibration's own checks
             raise InputRejected(REJECT_BAD_CAMERA_INFO, f'pair at {stamp_text}: unusable CameraInfo: {exc}. Fix the '
                                 'calibration or set use_camera_info:=false: dropped') from exc
@@ -1206,7 +990,7 @@ class LsmNode(LifecycleNode):
         reconstructor = self._reconstructor
         if not processing or reconstructor is None:
             return
-        self._use_torch_threads()
+        self._torch_threads.use()
         out_of_memory = False
         try:
             with self._pipeline_config(reconstructor, pair.settings.pipeline):
@@ -1324,7 +1108,7 @@ class LsmNode(LifecycleNode):
                 self._warnings.warning(f'render_{view}_no_pose', f'no relative pose for the pair at '
                                        f'{pair.stamp_ns * 1e-9:.6f} s: render view {view!r} not published')
                 continue
-            camera, frame = self._render_view_camera(view, pair, result)
+            camera, frame = render_view_camera(view, result, pair.left_frame, pair.right_frame)
             try:
                 rendered = reconstructor.render(result, camera.T_left_camera, camera.K,
                                                 (camera.width, camera.height), channels=('rgb',))
@@ -1338,17 +1122,6 @@ class LsmNode(LifecycleNode):
             self._publish(info_topic, functools.partial(conversions.model_camera_info, rendered.K, rendered.width,
                                                         rendered.height, header))
 
-    @staticmethod
-    def _render_view_camera(view: str, pair: PreparedPair, result: Reconstruction) -> tuple[VirtualCamera, str]:
-        """The camera of a ``render_views`` view at the model size, and the frame of its images."""
-        width, height = result.size
-        if view == 'left':
-            return VirtualCamera(np.eye(4), result.K_1, width, height), pair.left_frame
-        if view == 'right':
-            return VirtualCamera(result.T_1_2, result.K_2, width, height), pair.right_frame
-        return (VirtualCamera(midway_pose(result.T_1_2), 0.5 * (result.K_1 + result.K_2), width, height),
-                pair.left_frame + MIDWAY_FRAME_SUFFIX)
-
     def _label(self, pair: PreparedPair, result: Reconstruction, labels: tuple[str, ...],
                reconstructor: Reconstructor) -> QueryResult | None:
         """The active label set's answer on both views; None (warned) when the query fails."""
@@ -1361,6 +1134,34 @@ class LsmNode(LifecycleNode):
                                    'the label field not published')
             return None
 
+    def _publish_tf(self, transforms: list[tuple[np.ndarray, str]], header: Header) -> None:
+        """Broadcast ``(T_left_child, child frame)`` transforms from the left frame (the right camera first)."""
+        right_frame = transforms[0][1]
+        if right_frame == header.frame_id:
+            self._warnings.warning('tf_same_frame', f'left and right frames are both {right_frame!r}: set '
+                                   'left_frame_id/right_frame_id to publish /tf')
+            return
+        if self._tf_publisher is None:
+            self._tf_publisher = self._create_product_publisher(TFMessage, TF_TOPIC, TF_QOS)
+        message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T, header, child)
+                                        for T, child in transforms])
+        try:
+            self._tf_publisher.publish(message)
+        except Exception as exc:  # noqa: BLE001 - rclpy raises RCLError (and others on shutdown)
+            self._publish_failed(TF_TOPIC, exc)
+
+    def _publish(self, topic: str, build: Callable[[], Any]) -> None:
+        if not self.context.ok():   # shutting down (e.g. a signal): the products of a pair in flight are dropped
+            self._count('unpublished_at_shutdown')
+            return
+        try:
+            self._publishers_by_topic[topic].publish(build())
+        except Exception as exc:  # noqa: BLE001 - a failed publish must not stop the others
+            self._publish_failed(topic, exc)
+
+    def _publish_failed(self, topic: str, exc: Exception) -> None:
+        self._count('publish_failures')
+        self._warnings.warning(f'publish_{topic}', f'publishing {topic} failed: {type(exc).__name__}: {exc}')
 
     # ------------------------------------------------------------------------------------------ services
     def _answer_service(self, kind: ServiceKind, response: Any,
@@ -1371,7 +1172,7 @@ class LsmNode(LifecycleNode):
         counted (``<counter>_refused``, ``<counter>_failed``) and logged; the node goes on."""
         self._count(kind.counter)
         started = time.perf_counter()
-        self._use_torch_threads()
+        self._torch_threads.use()
         try:
             with self._model_access.use(ServiceRefused):
                 reconstructor = self._reconstructor
@@ -1396,168 +1197,28 @@ class LsmNode(LifecycleNode):
             raise refused('no reconstruction yet: the first stereo pair is still awaited or being processed')
         return latest
 
-    # ------------------------------------------------------------------------------------------ queries
     def _on_query(self, request: TextQuery.Request, response: TextQuery.Response) -> TextQuery.Response:
         """~/query: answer phrases on the latest reconstruction; refusals set success=false and say why."""
         def answer(reconstructor: Reconstructor) -> str:
-            latest, result, threshold = self._answer_query(request, reconstructor)
-            self._fill_query_response(response, latest, result, threshold, request.label_images)
+            phrases, views, threshold = parse_query_request(request, reconstructor,
+                                                            self._lsm_params.node_config.labels)
+            latest = self._latest_reconstruction(QueryRefused)
+            result = query_answer(reconstructor, latest, phrases, views)
+            fill_query_response(response, latest, result, threshold, request.label_images)
             return (f'{len(result.phrases)} phrase(s) on the {" and ".join(response.views)} view(s) of the '
                     f'reconstruction at {latest.stamp_ns * 1e-9:.6f} s, threshold {threshold:g},')
         return self._answer_service(QUERY, response, answer)
 
-    @staticmethod
-    def _fill_query_response(response: TextQuery.Response, latest: LatestReconstruction, answer: QueryResult,
-                             threshold: float, with_label_images: bool) -> None:
-        """Masks (view-major), optional label images, per-phrase scores, stamp and frames of an answer."""
-        stamp = conversions.nanoseconds_to_stamp(latest.stamp_ns)
-
-        def header(view: int) -> Header:
-            return conversions.make_header(stamp, latest.frame_of(view))
-
-        masks = answer.masks(threshold)
-        response.phrases = list(answer.phrases)
-        response.views = [semantics.VIEW_NAMES[v] for v in answer.views]
-        response.masks = [conversions.mask_to_image_msg(masks[position, p], header(view))
-                          for position, view in enumerate(answer.views) for p in range(len(answer.phrases))]
-        if with_label_images:
-            label_images = answer.label_images(threshold)
-            response.label_images = [conversions.mono_to_image_msg(label_images[position], header(view))
-                                     for position, view in enumerate(answer.views)]
-        response.scores = answer.scores(threshold).tolist()
-        response.max_probabilities = answer.max_probabilities().tolist()
-        response.max_similarities = answer.max_similarities().tolist()
-        response.stamp = stamp
-        response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
-        response.success = True
-
-    def _answer_query(self, request: TextQuery.Request, reconstructor: Reconstructor
-                      ) -> tuple[LatestReconstruction, QueryResult, float]:
-        """Check a request and compute its answer; raises :class:`QueryRefused` with the reason."""
-        if not reconstructor.semantic:
-            raise QueryRefused(f'lsm_node runs a geometry-only model ({reconstructor.weights}): text queries '
-                               'need the full LSM (set lsm_checkpoint, with dust3r_checkpoint and lseg_checkpoint '
-                               'unless the LSM file names them)')
-        threshold = float(request.threshold)
-        if not 0.0 <= threshold <= 1.0:   # false for NaN too
-            raise QueryRefused(f'threshold must be a probability in [0, 1] (0: plain arg-max), got {threshold!r}')
-        try:
-            views = semantics.parse_views(request.views)
-            phrases = semantics.validate_phrases(list(request.phrases)) if request.phrases \
-                else self._lsm_params.node_config.labels
-        except ValueError as exc:
-            raise QueryRefused(str(exc)) from exc
-        latest = self._latest_reconstruction(QueryRefused)
-        if latest.labelled is not None and latest.labelled.phrases == phrases:
-            return latest, latest.labelled.select_views(views), threshold
-        try:
-            return latest, reconstructor.query(latest.result, phrases, views=views), threshold
-        except (ValueError, RuntimeError) as exc:
-            raise QueryRefused(f'{type(exc).__name__}: {exc}') from exc
-
-    def _publish_tf(self, transforms: list[tuple[np.ndarray, str]], header: Header) -> None:
-        """Broadcast ``(T_left_child, child frame)`` transforms from the left frame (the right camera first)."""
-        right_frame = transforms[0][1]
-        if right_frame == header.frame_id:
-            self._warnings.warning('tf_same_frame', f'left and right frames are both {right_frame!r}: set '
-                                   'left_frame_id/right_frame_id to publish /tf')
-            return
-        if self._tf_publisher is None:
-            self._tf_publisher = self._create_product_publisher(TFMessage, TF_TOPIC, TF_QOS)
-        message = TFMessage(transforms=[conversions.transform_stamped_from_matrix(T, header, child)
-                                        for T, child in transforms])
-        try:
-            self._tf_publisher.publish(message)
-        except Exception as exc:  # noqa: BLE001 - rclpy raises RCLError (and others on shutdown)
-            self._publish_failed(TF_TOPIC, exc)
-
-
-    # ------------------------------------------------------------------------------------------ rendering
     def _on_render(self, request: RenderView.Request, response: RenderView.Response) -> RenderView.Response:
         """~/render: render the latest reconstruction from the requested camera; refusals set success=false."""
         def answer(reconstructor: Reconstructor) -> str:
-            latest, camera, channels, phrases = self._parse_render_request(request, reconstructor)
-            try:
-                rendered = reconstructor.render(
-                    latest.result, camera.T_left_camera, camera.K, (camera.width, camera.height),
-                    channels=[c for c in channels if c in RENDER_CHANNELS], phrases=phrases or None)
-            except (ValueError, RuntimeError) as exc:
-                raise RenderRefused(f'{type(exc).__name__}: {exc}') from exc
-            self._fill_render_response(response, latest, rendered, channels)
-            return (f'{", ".join(channels)} at {camera.width}x{camera.height} of the reconstruction at '
+            checked = parse_render_request(request, reconstructor, self._lsm_params.node_config.labels)
+            latest = self._latest_reconstruction(RenderRefused)
+            camera, rendered = render_request(reconstructor, latest, checked)
+            fill_render_response(response, latest, rendered, checked.channels, self._feature_pca)
+            return (f'{", ".join(checked.channels)} at {camera.width}x{camera.height} of the reconstruction at '
                     f'{latest.stamp_ns * 1e-9:.6f} s')
         return self._answer_service(RENDER, response, answer)
-
-    def _parse_render_request(self, request: RenderView.Request, reconstructor: Reconstructor) -> tuple[
-            LatestReconstruction, VirtualCamera, tuple[str, ...], tuple[str, ...]]:
-        """Check a request: (latest reconstruction, camera, channels, phrases); raises :class:`RenderRefused`."""
-        if not reconstructor.semantic:
-            raise RenderRefused(f'lsm_node runs a geometry-only model ({reconstructor.weights}): rendering '
-                                'needs the semantic Gaussians of the full LSM (set lsm_checkpoint, with '
-                                'dust3r_checkpoint and lseg_checkpoint unless the LSM file names them)')
-        try:
-            T_left_camera = conversions.checked_pose_msg_to_matrix(request.pose)
-        except ValueError as exc:
-            raise RenderRefused(f'pose: {exc}') from exc
-        width, height = int(request.width), int(request.height)
-        if (width == 0) != (height == 0):
-            raise RenderRefused(f'width and height must both be 0 (the model size) or both be set, got '
-                                f'{width}x{height}')
-        if max(width, height) > MAX_RENDER_SIDE:
-            raise RenderRefused(f'size {width}x{height} exceeds {MAX_RENDER_SIDE} pixels per side')
-        K = np.asarray(request.k, dtype=np.float64).reshape(3, 3)
-        if np.any(K) and not is_pinhole_matrix(K):
-            raise RenderRefused(f'k must be [fx, 0, cx, 0, fy, cy, 0, 0, 1] with finite values and fx, fy > 0 (all '
-                                f'zeros: the left model camera), got {K.ravel().tolist()}')
-        channels = tuple(dict.fromkeys(request.channels)) or DEFAULT_RENDER_CHANNELS
-        unknown = [c for c in channels if c not in RENDER_REQUEST_CHANNELS]
-        if unknown:
-            raise RenderRefused(f'unknown channel(s) {unknown}: choose among {list(RENDER_REQUEST_CHANNELS)}')
-        if width * height > MAX_FEATURE_RENDER_PIXELS and {'features', 'labels'} & set(channels):
-            raise RenderRefused(f'features and labels are rendered at up to {MAX_FEATURE_RENDER_PIXELS} pixels (e.g. '
-                                f'1024x1024), {width}x{height} has {width * height}')
-        phrases: tuple[str, ...] = ()
-        if 'labels' in channels:
-            try:
-                phrases = semantics.validate_phrases(list(request.phrases)) if request.phrases \
-                    else self._lsm_params.node_config.labels
-            except ValueError as exc:
-                raise RenderRefused(f'phrases: {exc}') from exc
-        elif request.phrases:
-            raise RenderRefused("phrases are for the 'labels' channel, which was not requested")
-        latest = self._latest_reconstruction(RenderRefused)
-        model_size = latest.result.size
-        size = (width, height) if width else model_size
-        if not np.any(K):
-            K = conversions.resized_intrinsics(latest.result.K_1, model_size, size)
-        return latest, VirtualCamera(T_left_camera, K, *size), channels, phrases
-
-    def _fill_render_response(self, response: RenderView.Response, latest: LatestReconstruction,
-                              rendered: RenderedView, channels: tuple[str, ...]) -> None:
-        """The requested images (left frame, the reconstruction's stamp), camera info, phrases and frames."""
-        stamp = conversions.nanoseconds_to_stamp(latest.stamp_ns)
-
-        def header() -> Header:
-            return conversions.make_header(stamp, latest.left_frame)
-
-        empty = rendered.alpha < DEPTH_MIN_ALPHA
-        if 'rgb' in channels:
-            response.rgb = conversions.unit_rgb_to_image_msg(rendered.rgb, header())
-        if 'depth' in channels:
-            response.depth = conversions.depth_to_image_msg(rendered.depth, header())
-        if 'alpha' in channels:
-            response.alpha = conversions.float_image_to_msg(rendered.alpha, header())
-        if 'features' in channels:
-            colors = self._feature_pca(latest.result.gaussians).colors(rendered.features)
-            colors[empty] = 0
-            response.features = conversions.rgb_to_image_msg(colors, header())
-        if 'labels' in channels:
-            response.labels = conversions.mono_to_image_msg(rendered.labels, header())
-            response.phrases = list(rendered.phrases)
-        response.camera_info = conversions.model_camera_info(rendered.K, rendered.width, rendered.height, header())
-        response.stamp = stamp
-        response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
-        response.success = True
 
     def _feature_pca(self, gaussians: GaussianCloud) -> FeaturePca:
         """The PCA colouring of a reconstruction's features, fitted once on its Gaussians' features."""
@@ -1569,19 +1230,6 @@ class LsmNode(LifecycleNode):
         with self._lock:
             self._feature_pca_cache = (gaussians, pca)
         return pca
-
-    def _publish(self, topic: str, build: Callable[[], Any]) -> None:
-        if not self.context.ok():   # shutting down (e.g. a signal): the products of a pair in flight are dropped
-            self._count('unpublished_at_shutdown')
-            return
-        try:
-            self._publishers_by_topic[topic].publish(build())
-        except Exception as exc:  # noqa: BLE001 - a failed publish must not stop the others
-            self._publish_failed(topic, exc)
-
-    def _publish_failed(self, topic: str, exc: Exception) -> None:
-        self._count('publish_failures')
-        self._warnings.warning(f'publish_{topic}', f'publishing {topic} failed: {type(exc).__name__}: {exc}')
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def _count(self, key: str) -> None:
