@@ -48,12 +48,17 @@ def dust3r_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _start_node(*parameters: str) -> subprocess.Popen[str]:
+def _start_node(*parameters: str, weights_dir: Path | None = None) -> subprocess.Popen[str]:
+    """``python -m lsm_ros.ros.node`` with these ``-p`` parameters; ``weights_dir``: its $LSM_ROS_WEIGHTS (else the
+    session's empty one)."""
     arguments = [sys.executable, '-m', 'lsm_ros.ros.node', '--ros-args', '-r', f'__ns:={NAMESPACE}']
     for parameter in parameters:
         arguments += ['-p', parameter]
-    return subprocess.Popen(arguments, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED='1'),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    environment = dict(os.environ, PYTHONUNBUFFERED='1')
+    if weights_dir is not None:
+        environment['LSM_ROS_WEIGHTS'] = str(weights_dir)
+    return subprocess.Popen(arguments, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 class _OutputReader:
@@ -105,9 +110,17 @@ def client(ros_context: Any) -> Iterator[Any]:
         graph.close()
 
 
-def test_node_process_reconstructs_and_stops_on_sigint(dust3r_file: Path, client: Any) -> None:
-    process = _start_node(f'dust3r_checkpoint:={dust3r_file}', 'device:=cpu', 'resolution:=224',
-                          'use_camera_info:=false', 'pose_ransac_iterations:=20', 'pose_reprojection_error_px:=100.0')
+@pytest.mark.parametrize('weights', ['parameter', 'installed'])
+def test_node_process_reconstructs_and_stops_on_sigint(weights: str, dust3r_file: Path, client: Any,
+                                                       tmp_path: Path) -> None:
+    """The DUSt3R file given as a parameter, or installed where `lsm-ros weights fetch` puts it (no parameter)."""
+    settings = ('device:=cpu', 'resolution:=224', 'use_camera_info:=false', 'pose_ransac_iterations:=20',
+                'pose_reprojection_error_px:=100.0')
+    if weights == 'parameter':
+        process = _start_node(f'dust3r_checkpoint:={dust3r_file}', *settings)
+    else:
+        (tmp_path / 'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth').symlink_to(dust3r_file)
+        process = _start_node(*settings, weights_dir=tmp_path)
     output = _OutputReader(process)
     try:
         stamp_ns = 1_000_000_000
@@ -129,6 +142,7 @@ def test_node_process_reconstructs_and_stops_on_sigint(dust3r_file: Path, client
     text = output.text()
     assert 'Traceback' not in text, text
     assert 'lsm_node active' in text, text
+    assert ('using the official weights installed in' in text) == (weights == 'installed'), text
     # the pair in flight at SIGINT finishes with a valid Context: no failed publish, no error at shutdown
     assert '[WARN]' not in text and '[ERROR]' not in text and 'context is invalid' not in text, text
 
@@ -143,5 +157,6 @@ def test_node_process_without_weights_exits_1_with_the_fix() -> None:
             process.kill()
             process.wait()
     text = output.text()
-    assert 'no checkpoint configured' in text and 'dust3r_checkpoint' in text, text
+    assert 'no checkpoint configured and none installed' in text and 'dust3r_checkpoint' in text, text
+    assert 'lsm-ros weights fetch' in text, text
     assert 'Traceback' not in text, text

@@ -141,6 +141,7 @@ from lsm_ros.ros.sync import (DROP_DUPLICATE, DROP_LATE, SYNC_DROP_REASONS, Came
 from lsm_ros.semantics import QueryResult
 from lsm_ros.srv import RenderView, TextQuery
 from lsm_ros.visualization import FeaturePca
+from lsm_ros.weights import default_weights_dir, installed_checkpoints
 # Moved to the modules above, still importable from here (tests and other modules read them from lsm_ros.ros.node).
 from lsm_ros.ros.input_checks import MIN_IMAGE_SIDE_PX  # noqa: F401
 from lsm_ros.ros.runtime import (WARMUP_SHIFT_PX, available_cpu_cores,  # noqa: F401
@@ -213,7 +214,8 @@ CHECKPOINT_HELP = (
     'lsm_node needs the official DUSt3R weights: pass the file with -p dust3r_checkpoint:=/path/to/'
     'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (or lsm_checkpoint:=/path/to/checkpoint-final.pth, whose config '
     'names the DUSt3R file), e.g. `ros2 run lsm_ros lsm_node --ros-args -p dust3r_checkpoint:=...`, '
-    '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml.')
+    '`ros2 launch lsm_ros lsm.launch.py dust3r_checkpoint:=...` or in config/lsm.yaml; or install the three '
+    'official files with `lsm-ros weights fetch` (used when no checkpoint parameter is set).')
 
 
 class TransitionFailed(RuntimeError):
@@ -641,8 +643,16 @@ class LsmNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_reconstructor(self, pipeline: PipelineConfig) -> Reconstructor:
+        """The model of the checkpoint parameters; when none is set, of the official files installed by
+        ``lsm-ros weights fetch`` (``$LSM_ROS_WEIGHTS`` or ``~/.cache/lsm_ros/weights``)."""
         if not (pipeline.dust3r_checkpoint or pipeline.lsm_checkpoint):
-            raise ValueError('no checkpoint configured. ' + CHECKPOINT_HELP)
+            installed = installed_checkpoints()
+            if not installed:
+                raise ValueError(f'no checkpoint configured and none installed in {default_weights_dir()}. '
+                                 + CHECKPOINT_HELP)
+            self.get_logger().info(f'no checkpoint parameter set: using the official weights installed in '
+                                   f'{default_weights_dir()}: {", ".join(installed.values())}')
+            pipeline = dataclasses.replace(pipeline, **installed)
         return Reconstructor.from_checkpoints(config=pipeline)
 
     def _pipeline_config_for(self, reconstructor: Reconstructor, parameters: PipelineConfig) -> PipelineConfig:
