@@ -31,7 +31,8 @@ ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id()
 os.environ['LSM_ROS_WEIGHTS'] = tempfile.mkdtemp(prefix='lsm_ros_test_weights_')
 assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
 
-from lsm_ros.ros.graph import RosGraph, wait_until  # noqa: E402,F401 (after the isolation; wait_until for the tests)
+# after the isolation; wait_until for the tests
+from lsm_ros.ros.graph import DEFAULT_EXECUTOR_THREADS, RosGraph, wait_until  # noqa: E402,F401
 
 # The tiny random DUSt3R of the ROS tests: ~1 s per pair on 2 CPU cores at 224x224. The wide PnP threshold
 # lets the relative pose of random point maps succeed, so every product (pose, /tf) is exercised.
@@ -300,32 +301,42 @@ class NodeLogs:
             return [m for lvl, m in self.records if lvl == level and fragment in m]
 
 
+def message_stamp_ns(msg: Any) -> int:
+    """The stamp of a message's header (a TFMessage's: its first transform's), in nanoseconds."""
+    from lsm_ros.ros.conversions import stamp_to_nanoseconds
+    return stamp_to_nanoseconds((msg.transforms[0].header if hasattr(msg, 'transforms') else msg.header).stamp)
+
+
 class NodeHarness:
-    """An in-process lsm_node on the test module's Context: the node (:func:`make_lsm_node` in ``namespace``, with
+    """An in-process lsm_node on the test module's Context: the node (:meth:`make_node` in ``namespace``, with
     ``parameters``), a stereo publisher (:meth:`make_publisher`), and a client node that keeps the node's ~/info by
-    stamp and calls its services; all spun by a :class:`RosGraph`. The constructor waits until :meth:`discovered`.
+    stamp (and the messages of the topics given to :meth:`keep`) and calls its services; all spun by a
+    :class:`RosGraph` of ``executor_threads``. The constructor waits until :meth:`discovered`.
 
     Frames are published with strictly increasing stamps (:meth:`publish`), so the synchronizer never drops one as
-    late; :meth:`play` also waits for the frame's ~/info, :meth:`reject` for the frame to be counted as rejected.
+    late; :meth:`play` also waits for the frame's ~/info (and kept messages), :meth:`reject` for the frame to be
+    counted as rejected. Every wait for the node (a product, an answer, a rejection) lasts up to ``timeout_s``.
     :meth:`close` (also on leaving a ``with`` block) stops the graph. :func:`harness_fixture` makes the module's
     ``graph`` fixture of a harness class.
     """
 
+    timeout_s = NODE_TIMEOUT_S
+    executor_threads = DEFAULT_EXECUTOR_THREADS
+
     def __init__(self, context: Any, reconstructor: Any, namespace: str = 'lsm', **parameters: Any) -> None:
         from rclpy.node import Node
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
 
         from lsm_ros.msg import ReconstructionInfo
         from lsm_ros.ros import node as lsm
-        self.executor = SpinningExecutor(context)
+        self.executor = SpinningExecutor(context, num_threads=self.executor_threads)
         try:
-            self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace=namespace, **parameters))
+            self.node = self.executor.add(self.make_node(reconstructor, context, namespace, **parameters))
             self.client = self.executor.add(Node(f'test_{namespace}_client', context=context))
             self._infos: dict[int, Any] = {}
+            self._kept: dict[str, tuple[str, list[Any]]] = {}
             self._lock = threading.Lock()
-            self.client.create_subscription(ReconstructionInfo, self.node.output_topic_names()[lsm.INFO_TOPIC],
-                                            self._keep_info,
-                                            QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE))
+            self._info_topic = self.node.output_topic_names()[lsm.INFO_TOPIC]
+            self.client.create_subscription(ReconstructionInfo, self._info_topic, self._keep_info, self._qos())
             self.publisher = self.make_publisher(context)
             self.executor.add(self.publisher.node)
             self.last_stamp_ns = 0
@@ -336,6 +347,10 @@ class NodeHarness:
             raise
 
     # ------------------------------------------------------------------------------------------ for subclasses
+    def make_node(self, reconstructor: Any, context: Any, namespace: str, **parameters: Any) -> Any:
+        """The node under test: :func:`make_lsm_node`."""
+        return make_lsm_node(reconstructor, context, namespace=namespace, **parameters)
+
     def make_publisher(self, context: Any) -> Any:
         """The node (``.node``) that publishes the frames: a :class:`StereoPublisher`."""
         return StereoPublisher(context)
@@ -356,11 +371,15 @@ class NodeHarness:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------------ ~/info
+    # ------------------------------------------------------------------------------------------ ~/info, products
+    @staticmethod
+    def _qos() -> Any:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        return QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+
     def _keep_info(self, msg: Any) -> None:
-        from lsm_ros.ros.conversions import stamp_to_nanoseconds
         with self._lock:
-            self._infos[stamp_to_nanoseconds(msg.header.stamp)] = msg
+            self._infos[message_stamp_ns(msg)] = msg
 
     def info_stamps(self) -> set[int]:
         """The stamps of the ~/info messages received so far."""
@@ -369,9 +388,41 @@ class NodeHarness:
 
     def info(self, stamp_ns: int) -> Any:
         """The ~/info of the pair stamped ``stamp_ns``, waited for."""
-        assert wait_until(lambda: stamp_ns in self.info_stamps(), NODE_TIMEOUT_S), self.node.statistics()
+        assert wait_until(lambda: stamp_ns in self.info_stamps(), self.timeout_s), self.node.statistics()
         with self._lock:
             return self._infos[stamp_ns]
+
+    def keep(self, topics: dict[str, tuple[str, Any]]) -> None:
+        """Keep every message of ``topics`` ({key: (topic, message type)}) on the client node (call it from
+        :meth:`add_entities`): :meth:`by_stamp`, :meth:`products`."""
+        for key, (topic, msg_type) in topics.items():
+            self._kept[key] = (topic, [])
+            self.client.create_subscription(msg_type, topic, functools.partial(self._keep, key), self._qos())
+
+    def _keep(self, key: str, msg: Any) -> None:
+        with self._lock:
+            self._kept[key][1].append(msg)
+
+    def products_published(self) -> bool:
+        """~/info and every kept topic but /tf (created on demand) have a publisher."""
+        from lsm_ros.ros.node import TF_TOPIC
+        topics = [self._info_topic] + [topic for topic, _ in self._kept.values() if topic != TF_TOPIC]
+        return all(self.client.count_publishers(topic) > 0 for topic in topics)
+
+    def by_stamp(self, key: str, stamp_ns: int) -> list[Any]:
+        """The kept messages of ``key`` stamped ``stamp_ns`` (:func:`message_stamp_ns`), in arrival order."""
+        with self._lock:
+            messages = list(self._kept[key][1])
+        return [msg for msg in messages if message_stamp_ns(msg) == stamp_ns]
+
+    def products(self, stamp_ns: int) -> dict[str, Any]:
+        """The ~/info (key lsm_ros.ros.node.INFO_TOPIC) and the first kept message of every key stamped
+        ``stamp_ns``, waited for."""
+        from lsm_ros.ros.node import INFO_TOPIC
+        info = self.info(stamp_ns)
+        assert wait_until(lambda: all(self.by_stamp(key, stamp_ns) for key in self._kept), self.timeout_s), \
+            ({key: len(self.by_stamp(key, stamp_ns)) for key in self._kept}, self.node.statistics())
+        return {INFO_TOPIC: info, **{key: self.by_stamp(key, stamp_ns)[0] for key in self._kept}}
 
     # ------------------------------------------------------------------------------------------ frames
     def publish(self, frame: Any, *args: Any, **kwargs: Any) -> int:
@@ -383,25 +434,26 @@ class NodeHarness:
         return stamp_ns
 
     def play(self, frame: Any, *args: Any, **kwargs: Any) -> int:
-        """Publish a frame that reconstructs and wait for its ~/info; returns the stamp."""
+        """Publish a frame that reconstructs and wait for its ~/info and kept messages (:meth:`products`); returns
+        the stamp."""
         stamp_ns = self.publish(frame, *args, **kwargs)
-        self.info(stamp_ns)
+        self.products(stamp_ns)
         return stamp_ns
 
     def reject(self, frame: Any, reason: str, *args: Any, **kwargs: Any) -> int:
         """Publish a frame that the node rejects: wait until it is counted under ``reason``; returns the stamp."""
         before = self.node.statistics()['rejected'].get(reason, 0)
         stamp_ns = self.publish(frame, *args, **kwargs)
-        assert wait_until(lambda: self.node.statistics()['rejected'].get(reason, 0) == before + 1, NODE_TIMEOUT_S), \
+        assert wait_until(lambda: self.node.statistics()['rejected'].get(reason, 0) == before + 1, self.timeout_s), \
             (reason, self.node.statistics())
         return stamp_ns
 
     # ------------------------------------------------------------------------------------------ services
     def call(self, client: Any, request: Any) -> Any:
         """Call a service of the client node and wait for the answer."""
-        assert client.wait_for_service(timeout_sec=NODE_TIMEOUT_S), f'{client.srv_name} not available'
+        assert client.wait_for_service(timeout_sec=self.timeout_s), f'{client.srv_name} not available'
         future = client.call_async(request)
-        assert wait_until(future.done, NODE_TIMEOUT_S), f'no answer to {request}'
+        assert wait_until(future.done, self.timeout_s), f'no answer to {request}'
         return future.result()
 
     @functools.cached_property
@@ -414,15 +466,16 @@ class NodeHarness:
         from lsm_ros.srv import RenderView
         return self.client.create_client(RenderView, self.node.render_service_name())
 
-    def query(self) -> Any:
-        """~/query for 'chair' and 'table'."""
+    def query(self, **fields: Any) -> Any:
+        """~/query of a TextQuery.Request with ``fields``; without any, for 'chair' and 'table'."""
         from lsm_ros.srv import TextQuery
-        return self.call(self.query_client, TextQuery.Request(phrases=['chair', 'table']))
+        return self.call(self.query_client, TextQuery.Request(**(fields or dict(phrases=['chair', 'table']))))
 
-    def render(self) -> Any:
-        """~/render of a 32x24 alpha image."""
+    def render(self, **fields: Any) -> Any:
+        """~/render of a RenderView.Request with ``fields``; without any, of a 32x24 alpha image."""
         from lsm_ros.srv import RenderView
-        return self.call(self.render_client, RenderView.Request(width=32, height=24, channels=['alpha']))
+        return self.call(self.render_client,
+                         RenderView.Request(**(fields or dict(width=32, height=24, channels=['alpha']))))
 
     @functools.cached_property
     def parameters(self) -> Any:
@@ -436,7 +489,7 @@ class NodeHarness:
         from rclpy.parameter import Parameter
         assert self.parameters.wait_for_services(timeout_sec=DISCOVERY_TIMEOUT_S)
         future = self.parameters.set_parameters([Parameter(name, value=value) for name, value in values.items()])
-        assert wait_until(future.done, NODE_TIMEOUT_S), f'no answer to set_parameters {values}'
+        assert wait_until(future.done, self.timeout_s), f'no answer to set_parameters {values}'
         return list(future.result().results)
 
 

@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import STEREO_REMAPS, SpinningExecutor, StereoPublisher, wait_until
+from conftest import STEREO_REMAPS, NodeHarness, StereoPublisher, wait_until
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.clock import ClockType
 from rclpy.lifecycle import TransitionCallbackReturn
@@ -120,19 +120,30 @@ class Stream:
         return self.next_stamp_ns
 
 
-class Graph:
-    """The plain node under test (tiny DUSt3R), a stereo publisher and the /diagnostics listener."""
+class DiagnosticsHarness(NodeHarness):
+    """A node under test (:func:`_node`), a stereo publisher and the /diagnostics listener (``listener``)."""
 
-    def __init__(self, context: Any, reconstructor: Any, frames: list[Any]) -> None:
-        self.context, self.frames = context, frames
-        self.executor = SpinningExecutor(context, num_threads=4)
+    def make_node(self, reconstructor: Any, context: Any, namespace: str, **parameters: Any) -> lsm.LsmNode:
+        return _node(reconstructor, context, namespace, **parameters)
+
+    def add_entities(self, context: Any) -> None:
         self.listener = DiagnosticsListener(context)
         self.executor.add(self.listener.node)
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.node = self.executor.add(_node(reconstructor, context, 'diag_stream'))
-        self.next_stamp_ns = frames[0].stamp_ns
-        assert wait_until(self.publisher.connected, 30.0), 'discovery failed'
+
+    def discovered(self) -> bool:
+        """A managed node subscribes its inputs when configured: nothing to wait for before."""
+        return bool(self.node.get_parameter('managed').value) or super().discovered()
+
+
+class StreamHarness(DiagnosticsHarness):
+    """The plain node under test (tiny DUSt3R) in namespace ``diag_stream`` on four executor threads; streams of
+    ``frames`` (:meth:`stream`, :meth:`stop`) go on from ``next_stamp_ns``."""
+
+    executor_threads = 4
+
+    def __init__(self, context: Any, reconstructor: Any, frames: list[Any]) -> None:
+        super().__init__(context, reconstructor, namespace='diag_stream')
+        self.frames, self.next_stamp_ns = frames, frames[0].stamp_ns
 
     def stream(self, **kwargs: Any) -> Stream:
         return Stream(self.publisher, self.frames, self.next_stamp_ns, **kwargs)
@@ -142,12 +153,9 @@ class Graph:
 
 
 @pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_reconstructor: Any, stereo_frames: list[Any]) -> Iterator[Graph]:
-    graph = Graph(ros_context, tiny_reconstructor, stereo_frames)
-    try:
+def graph(ros_context: Any, tiny_reconstructor: Any, stereo_frames: list[Any]) -> Iterator[StreamHarness]:
+    with StreamHarness(ros_context, tiny_reconstructor, stereo_frames) as graph:
         yield graph
-    finally:
-        graph.executor.close()
 
 
 def _all_ok(report: Report) -> bool:
@@ -155,7 +163,7 @@ def _all_ok(report: Report) -> bool:
 
 
 def test_a_flowing_stream_is_reported_ok_with_rates_latency_and_processed_pairs(
-        graph: Graph, monkeypatch: pytest.MonkeyPatch) -> None:
+        graph: StreamHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     node = graph.node
     monkeypatch.setattr(node.reconstructor, 'trained_weights', True)   # untrained weights warn (next test)
     stream = graph.stream()
@@ -191,13 +199,13 @@ def test_a_flowing_stream_is_reported_ok_with_rates_latency_and_processed_pairs(
     assert int(processing['pairs processed']) <= statistics['counts']['processed']
 
 
-def test_untrained_weights_warn_in_the_model_status(graph: Graph) -> None:
+def test_untrained_weights_warn_in_the_model_status(graph: StreamHarness) -> None:
     report = graph.listener.wait_for(graph.node, lambda r: True)
     assert report['model'].level == diag.WARN and 'UNTRAINED WEIGHTS' in report['model'].message
     assert values(report['model'])['trained weights'] == 'no'
 
 
-def test_silent_camera_infos_warn_and_a_stopped_stream_goes_stale(graph: Graph) -> None:
+def test_silent_camera_infos_warn_and_a_stopped_stream_goes_stale(graph: StreamHarness) -> None:
     node, listener = graph.node, graph.listener
     stream = graph.stream(with_camera_info=False)          # images only: the CameraInfo topics fall silent
     try:
@@ -220,7 +228,7 @@ def test_silent_camera_infos_warn_and_a_stopped_stream_goes_stale(graph: Graph) 
     assert report['model'].level != diag.ERROR                # the model is fine
 
 
-def test_camera_infos_are_optional_without_use_camera_info(graph: Graph) -> None:
+def test_camera_infos_are_optional_without_use_camera_info(graph: StreamHarness) -> None:
     node = graph.node
     node.set_parameters([Parameter('use_camera_info', value=False)])
     try:
@@ -237,7 +245,8 @@ def test_camera_infos_are_optional_without_use_camera_info(graph: Graph) -> None
     assert LEFT_INFO not in report['inputs'].message
 
 
-def test_rejected_pairs_appear_by_reason_then_the_warning_clears(graph: Graph, stereo_frames: list[Any]) -> None:
+def test_rejected_pairs_appear_by_reason_then_the_warning_clears(graph: StreamHarness,
+                                                                 stereo_frames: list[Any]) -> None:
     node, listener, publisher = graph.node, graph.listener, graph.publisher
     frame = stereo_frames[0]
     before = dict(node.statistics()['rejected'])
@@ -271,7 +280,7 @@ def test_rejected_pairs_appear_by_reason_then_the_warning_clears(graph: Graph, s
     assert values(report['processing'])['rejected: unsupported_encoding'] == str(rejected[lsm.REJECT_ENCODING])
 
 
-def test_the_report_never_waits_for_the_inference_thread(graph: Graph, stereo_frames: list[Any]) -> None:
+def test_the_report_never_waits_for_the_inference_thread(graph: StreamHarness, stereo_frames: list[Any]) -> None:
     node, listener = graph.node, graph.listener
     reconstructor = node.reconstructor
     reconstruct = reconstructor.reconstruct
@@ -299,7 +308,7 @@ def test_the_report_never_waits_for_the_inference_thread(graph: Graph, stereo_fr
     assert node.wait_idle(30.0)
 
 
-def test_a_failing_report_is_counted_logged_and_the_next_one_goes_out(graph: Graph,
+def test_a_failing_report_is_counted_logged_and_the_next_one_goes_out(graph: StreamHarness,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     node, listener = graph.node, graph.listener
     health = node.health
@@ -322,7 +331,7 @@ def test_a_failing_report_is_counted_logged_and_the_next_one_goes_out(graph: Gra
     assert node.statistics()['counts']['diagnostics_failures'] == 1
 
 
-def test_the_period_is_a_runtime_parameter(graph: Graph) -> None:
+def test_the_period_is_a_runtime_parameter(graph: StreamHarness) -> None:
     node, listener = graph.node, graph.listener
     assert node._diagnostics_timer.timer_period_ns == round(PERIOD_S * 1e9)
     assert node._diagnostics_timer.clock.clock_type == ClockType.STEADY_TIME   # goes on when sim time stops
@@ -346,11 +355,7 @@ def _model(report: Report) -> dict[str, str]:
 
 def test_a_managed_node_reports_its_model_state_through_the_transitions(ros_context: Any,
                                                                           tiny_lsm_reconstructor: Any) -> None:
-    executor = SpinningExecutor(ros_context)
-    listener = DiagnosticsListener(ros_context)
-    executor.add(listener.node)
     reconstructor = tiny_lsm_reconstructor
-    node = executor.add(_node(reconstructor, ros_context, 'diag_managed', managed=True))
     entered, release = threading.Event(), threading.Event()
     reload = reconstructor.reload
 
@@ -359,6 +364,8 @@ def test_a_managed_node_reports_its_model_state_through_the_transitions(ros_cont
         release.wait(30.0)
         reload()
 
+    graph = DiagnosticsHarness(ros_context, reconstructor, namespace='diag_managed', managed=True)
+    node, listener = graph.node, graph.listener
     try:
         report = listener.wait_for(node, lambda r: True)
         model = _model(report)
@@ -400,15 +407,13 @@ def test_a_managed_node_reports_its_model_state_through_the_transitions(ros_cont
         release.set()
         if 'reload' in vars(reconstructor):
             del reconstructor.reload
-        executor.close()
+        graph.close()
 
 
 def test_a_failed_configure_is_reported_with_the_error(ros_context: Any) -> None:
-    executor = SpinningExecutor(ros_context)
-    listener = DiagnosticsListener(ros_context)
-    executor.add(listener.node)
-    node = executor.add(_node(None, ros_context, 'diag_no_weights', managed=True))   # no checkpoint configured
-    try:
+    # no checkpoint configured
+    with DiagnosticsHarness(ros_context, None, namespace='diag_no_weights', managed=True) as graph:
+        node, listener = graph.node, graph.listener
         listener.wait_for(node, lambda r: _model(r)['model state'] == 'unconfigured')
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert node.lifecycle_state == lsm.STATE_UNCONFIGURED
@@ -419,5 +424,3 @@ def test_a_failed_configure_is_reported_with_the_error(ros_context: Any) -> None
             model['error']
         assert status.message.startswith('the model failed to load: ValueError: no checkpoint configured')
         assert node.statistics()['lifecycle_state'] == 'unconfigured'
-    finally:
-        executor.close()

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ProductCollector, SpinningExecutor, StereoPublisher, make_lsm_node, wait_until
+from conftest import NodeHarness, ProductCollector, harness_fixture, wait_until
 from rcl_interfaces.msg import Log
 from sensor_msgs.msg import Image
 
@@ -18,20 +18,23 @@ pytestmark = pytest.mark.timeout(180)
 MS = 1_000_000
 
 
-@pytest.fixture(scope='module')
-def harness(ros_context: Any, tiny_reconstructor: Any) -> Iterator[tuple[Any, ProductCollector, StereoPublisher]]:
-    executor = SpinningExecutor(ros_context)
-    # log_throttle_s 0: every warning is logged, so each one can be checked on /rosout
-    node = executor.add(make_lsm_node(tiny_reconstructor, ros_context, namespace='bad_input', log_throttle_s=0.0))
-    collector = ProductCollector(ros_context, node)
-    executor.add(collector.node)
-    publisher = StereoPublisher(ros_context)
-    executor.add(publisher.node)
-    try:
-        assert wait_until(lambda: publisher.connected() and collector.connected(), 30.0), 'discovery failed'
-        yield node, collector, publisher
-    finally:
-        executor.close()
+class BadInputHarness(NodeHarness):
+    """lsm_node (tiny DUSt3R) in namespace ``bad_input``, a stereo publisher (frames published with the stamps the
+    tests choose), and a :class:`ProductCollector` of its products and /rosout."""
+
+    def __init__(self, context: Any, reconstructor: Any) -> None:
+        # log_throttle_s 0: every warning is logged, so each one can be checked on /rosout
+        super().__init__(context, reconstructor, namespace='bad_input', log_throttle_s=0.0)
+
+    def add_entities(self, context: Any) -> None:
+        self.collector = ProductCollector(context, self.node)
+        self.executor.add(self.collector.node)
+
+    def discovered(self) -> bool:
+        return super().discovered() and self.collector.connected()
+
+
+graph = harness_fixture(BadInputHarness)
 
 
 def _with(image: Image, **fields: Any) -> Image:
@@ -63,12 +66,12 @@ def _expect_rejection(node: Any, collector: ProductCollector, reason: str, log_f
     return stamp_ns
 
 
-def test_bad_pairs_are_rejected_and_a_good_pair_still_works(harness: Any, stereo_frames: list[Any]) -> None:
-    node, collector, publisher = harness
+def test_bad_pairs_are_rejected_and_a_good_pair_still_works(graph: BadInputHarness,
+                                                            stereo_frames: list[Any]) -> None:
+    node, collector, publisher = graph.node, graph.collector, graph.publisher
     frame, later = stereo_frames[0], stereo_frames[1]
     stamp = frame.stamp_ns
-    good = publisher.publish(frame)
-    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, good), 60.0), node.statistics()
+    graph.info(publisher.publish(frame))                # waits for its ~/info
 
     left, right = frame.left_image, frame.right_image
     bad_stamps = [
@@ -99,7 +102,7 @@ def test_bad_pairs_are_rejected_and_a_good_pair_still_works(harness: Any, stereo
 
     assert node.statistics()['worker']['failed'] == 0
     recovered = publisher.publish(later, stamp + 30_000 * MS)
-    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, recovered), 60.0), node.statistics()
+    graph.info(recovered)
     assert wait_until(lambda: all(collector.by_stamp(k, recovered) for k in lsm.OUTPUT_TOPICS), 10.0)
     for key in lsm.OUTPUT_TOPICS:                     # nothing was published for any bad pair
         for bad in bad_stamps:
@@ -113,8 +116,8 @@ def test_bad_pairs_are_rejected_and_a_good_pair_still_works(harness: Any, stereo
 
 
 def test_camera_info_of_another_size_is_rejected_and_use_camera_info_false_estimates(
-        harness: Any, stereo_frames: list[Any]) -> None:
-    node, collector, publisher = harness
+        graph: BadInputHarness, stereo_frames: list[Any]) -> None:
+    node, collector, publisher = graph.node, graph.collector, graph.publisher
     frame = stereo_frames[2]
     base = frame.stamp_ns + 100_000 * MS
     small_left = _cropped(frame.left_image, frame.left_image.width - 64)
@@ -125,18 +128,18 @@ def test_camera_info_of_another_size_is_rejected_and_use_camera_info_false_estim
     try:
         stamp_ns = publisher.publish(frame, base + 1_000 * MS, left_image=small_left, right_image=small_right,
                                      with_camera_info=False)
-        assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), 60.0), node.statistics()
-        info = collector.by_stamp(lsm.INFO_TOPIC, stamp_ns)[0]
+        info = graph.info(stamp_ns)
         assert info.intrinsics_source == 'estimated' and not info.metric_scale and info.baseline_m == 0.0
         assert info.scale_source == 'none' and info.scale_factor == 1.0
     finally:
         node.set_parameters([_parameter('use_camera_info', True)])
 
 
-def test_camera_info_delivered_after_its_images_is_waited_for(harness: Any, stereo_frames: list[Any]) -> None:
+def test_camera_info_delivered_after_its_images_is_waited_for(graph: BadInputHarness,
+                                                              stereo_frames: list[Any]) -> None:
     """CameraInfo travels on its own topics: a pair whose CameraInfo comes 0.3 s after the images waits for it
     (camera_info_wait_s = 1 s) and is reconstructed with it, not rejected as missing_camera_info."""
-    node, collector, publisher = harness
+    node, publisher = graph.node, graph.publisher
     frame = stereo_frames[3]
     stamp_ns = frame.stamp_ns + 200_000 * MS
     before = _rejected(node).get(lsm.REJECT_NO_CAMERA_INFO, 0)
@@ -147,8 +150,7 @@ def test_camera_info_delivered_after_its_images_is_waited_for(harness: Any, ster
         info.header = copy.copy(info.header)
         info.header.stamp = conversions.nanoseconds_to_stamp(stamp_ns)
         publisher.publishers[key].publish(info)
-    assert wait_until(lambda: collector.by_stamp(lsm.INFO_TOPIC, stamp_ns), 60.0), node.statistics()
-    assert collector.by_stamp(lsm.INFO_TOPIC, stamp_ns)[0].intrinsics_source == 'camera_info'
+    assert graph.info(stamp_ns).intrinsics_source == 'camera_info'
     assert _rejected(node).get(lsm.REJECT_NO_CAMERA_INFO, 0) == before
 
 

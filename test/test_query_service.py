@@ -6,95 +6,48 @@ meaningless, their shapes, frames, stamps and mutual consistency are what is che
 """
 from __future__ import annotations
 
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SpinningExecutor, StereoPublisher, gated_reconstruct, make_lsm_node, wait_until
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from conftest import NodeHarness, gated_reconstruct, harness_fixture, wait_until
 from sensor_msgs.msg import Image, PointCloud2, PointField
 
-from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
 from lsm_ros.semantics import DEFAULT_LABELS, MAX_PHRASE_CHARS, MAX_PHRASES, NO_LABEL
-from lsm_ros.srv import TextQuery
 
 pytestmark = pytest.mark.timeout(900)
 PRODUCTS_TIMEOUT_S = 180.0          # generous: the 2-core machine may be shared
 QUERY_TIMEOUT_S = 60.0
-STAMP_STEP_NS = 1_000_000_000
-PRODUCT_TYPES = {lsm.INFO_TOPIC: ReconstructionInfo, lsm.POINTS_TOPIC: PointCloud2,
-                 lsm.SEMANTIC_LABELS_TOPIC: Image, lsm.SEMANTIC_OVERLAY_TOPIC: Image}
+PRODUCT_TYPES = {lsm.POINTS_TOPIC: PointCloud2, lsm.SEMANTIC_LABELS_TOPIC: Image,   # and ~/info
+                 lsm.SEMANTIC_OVERLAY_TOPIC: Image}
 
 
-class SemanticGraph:
-    """lsm_node (tiny LSM) in namespace ``semantic``, a stereo publisher, and an observer node subscribed to its
-    products with a TextQuery client."""
+class SemanticHarness(NodeHarness):
+    """lsm_node (tiny LSM) in namespace ``semantic``, a stereo publisher, and a client node keeping its ~/info,
+    ~/points and semantic images (:meth:`play` waits for them all, :meth:`products`), with a TextQuery client."""
+
+    timeout_s = PRODUCTS_TIMEOUT_S
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace='semantic'))
-        self.observer = self.executor.add(Node('test_query_observer', context=context))
-        self.topics = self.node.output_topic_names()
-        self.messages: dict[str, list[Any]] = {key: [] for key in PRODUCT_TYPES}
-        self._lock = threading.Lock()
-        qos = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
-        for key, msg_type in PRODUCT_TYPES.items():
-            self.observer.create_subscription(msg_type, self.topics[key], self._keep(key), qos)
-        self.client = self.observer.create_client(TextQuery, self.node.query_service_name())
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.last_stamp_ns = 0
-        assert wait_until(lambda: self.publisher.connected() and self.client.service_is_ready() and all(
-            self.observer.count_publishers(self.topics[key]) for key in PRODUCT_TYPES), 30.0), 'discovery failed'
+        assert reconstructor.semantic
+        super().__init__(context, reconstructor, namespace='semantic')
 
-    def _keep(self, key: str) -> Callable[[Any], None]:
-        def callback(msg: Any) -> None:
-            with self._lock:
-                self.messages[key].append(msg)
-        return callback
+    def add_entities(self, context: Any) -> None:
+        topics = self.node.output_topic_names()
+        self.keep({key: (topics[key], msg_type) for key, msg_type in PRODUCT_TYPES.items()})
 
-    def by_stamp(self, key: str, stamp_ns: int) -> list[Any]:
-        with self._lock:
-            return [m for m in self.messages[key] if conversions.stamp_to_nanoseconds(m.header.stamp) == stamp_ns]
-
-    def publish(self, frame: Any) -> int:
-        """Publish ``frame`` with a stamp newer than every earlier one; returns the stamp."""
-        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
-        self.last_stamp_ns = stamp_ns
-        return self.publisher.publish(frame, stamp_ns)
-
-    def wait_for_products(self, stamp_ns: int) -> dict[str, Any]:
-        assert wait_until(lambda: all(self.by_stamp(key, stamp_ns) for key in PRODUCT_TYPES), PRODUCTS_TIMEOUT_S), \
-            ({key: len(self.by_stamp(key, stamp_ns)) for key in PRODUCT_TYPES}, self.node.statistics())
-        return {key: self.by_stamp(key, stamp_ns)[0] for key in PRODUCT_TYPES}
-
-    def play(self, frame: Any) -> tuple[int, dict[str, Any]]:
-        stamp_ns = self.publish(frame)
-        return stamp_ns, self.wait_for_products(stamp_ns)
-
-    def query(self, **fields: Any) -> TextQuery.Response:
-        future = self.client.call_async(TextQuery.Request(**fields))
-        assert wait_until(future.done, QUERY_TIMEOUT_S), f'no answer to {fields}'
-        return future.result()
+    def discovered(self) -> bool:
+        return super().discovered() and self.query_client.service_is_ready() and self.products_published()
 
     def set_labels(self, value: Any) -> Any:
         from rclpy.parameter import Parameter
         return self.node.set_parameters([Parameter('labels', value=value)])[0]
 
 
-@pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_lsm_reconstructor: Any) -> Iterator[SemanticGraph]:
-    assert tiny_lsm_reconstructor.semantic
-    graph = SemanticGraph(ros_context, tiny_lsm_reconstructor)
-    try:
-        yield graph
-    finally:
-        graph.executor.close()
+graph = harness_fixture(SemanticHarness, 'tiny_lsm_reconstructor')
 
 
 def _mono(msg: Image) -> np.ndarray:
@@ -128,7 +81,7 @@ def test_labelled_cloud_and_mask_messages_round_trip() -> None:
         conversions.mask_to_image_msg(mask.astype(np.uint8), header)
 
 
-def test_query_before_the_first_reconstruction_is_refused(graph: SemanticGraph) -> None:
+def test_query_before_the_first_reconstruction_is_refused(graph: SemanticHarness) -> None:
     response = graph.query(phrases=['chair'])
     assert not response.success and 'no reconstruction yet' in response.message
     assert list(response.masks) == [] and list(response.scores) == []
@@ -136,24 +89,16 @@ def test_query_before_the_first_reconstruction_is_refused(graph: SemanticGraph) 
 
 def test_geometry_only_node_refuses_queries_and_keeps_its_outputs(ros_context: Any, tiny_reconstructor: Any) -> None:
     assert not tiny_reconstructor.semantic
-    executor = SpinningExecutor(ros_context)
-    try:
-        node = executor.add(make_lsm_node(tiny_reconstructor, ros_context, namespace='geometry_only'))
-        assert set(node.output_topic_names()) == set(lsm.OUTPUT_TOPICS)
-        client_node = executor.add(Node('test_geometry_query_client', context=ros_context))
-        client = client_node.create_client(TextQuery, node.query_service_name())
-        assert client.wait_for_service(timeout_sec=30.0)
-        future = client.call_async(TextQuery.Request(phrases=['chair']))
-        assert wait_until(future.done, QUERY_TIMEOUT_S)
-        response = future.result()
+    with NodeHarness(ros_context, tiny_reconstructor, namespace='geometry_only') as geometry:
+        assert set(geometry.node.output_topic_names()) == set(lsm.OUTPUT_TOPICS)
+        response = geometry.query(phrases=['chair'])
         assert not response.success and 'geometry-only' in response.message, response.message
-    finally:
-        executor.close()
 
 
-def test_semantic_products_of_a_stereo_pair(graph: SemanticGraph, stereo_frames: list[Any]) -> None:
+def test_semantic_products_of_a_stereo_pair(graph: SemanticHarness, stereo_frames: list[Any]) -> None:
     frame = stereo_frames[0]
-    stamp_ns, products = graph.play(frame)
+    stamp_ns = graph.play(frame)
+    products = graph.products(stamp_ns)
     left_frame = frame.left_image.header.frame_id
     info = products[lsm.INFO_TOPIC]
     assert list(info.labels) == list(DEFAULT_LABELS)
@@ -184,7 +129,7 @@ def test_semantic_products_of_a_stereo_pair(graph: SemanticGraph, stereo_frames:
     np.testing.assert_array_equal(_mono(response.label_images[0]), labels)
 
 
-def test_query_answers_masks_label_images_and_scores(graph: SemanticGraph, stereo_frames: list[Any]) -> None:
+def test_query_answers_masks_label_images_and_scores(graph: SemanticHarness, stereo_frames: list[Any]) -> None:
     if graph.last_stamp_ns == 0:
         graph.play(stereo_frames[0])
     response = graph.query(phrases=[' chair', 'table '], threshold=0.0, views='', label_images=True)
@@ -232,7 +177,7 @@ def test_query_answers_masks_label_images_and_scores(graph: SemanticGraph, stere
     (dict(phrases=['chair'], threshold=float('nan')), '[0, 1]'),
     (dict(phrases=['a ' * 99]), 'ValueError'),                    # 99 CLIP tokens > 77 (the tokenizer refuses)
 ])
-def test_bad_requests_are_refused_and_the_node_keeps_working(graph: SemanticGraph, stereo_frames: list[Any],
+def test_bad_requests_are_refused_and_the_node_keeps_working(graph: SemanticHarness, stereo_frames: list[Any],
                                                              fields: dict[str, Any], reason: str) -> None:
     if graph.last_stamp_ns == 0:
         graph.play(stereo_frames[0])
@@ -245,7 +190,7 @@ def test_bad_requests_are_refused_and_the_node_keeps_working(graph: SemanticGrap
     assert good.success and len(good.masks) == 4, good.message
 
 
-def test_query_is_answered_while_the_next_pair_is_reconstructed(graph: SemanticGraph,
+def test_query_is_answered_while_the_next_pair_is_reconstructed(graph: SemanticHarness,
                                                                 stereo_frames: list[Any]) -> None:
     if graph.last_stamp_ns == 0:
         graph.play(stereo_frames[0])
@@ -258,13 +203,13 @@ def test_query_is_answered_while_the_next_pair_is_reconstructed(graph: SemanticG
         assert response.success, response.message
         assert conversions.stamp_to_nanoseconds(response.stamp) == answered_stamp
         assert not gate.release.is_set() and time.monotonic() - started < QUERY_TIMEOUT_S
-        assert not graph.by_stamp(lsm.INFO_TOPIC, next_stamp)     # the next pair is still being reconstructed
-    graph.wait_for_products(next_stamp)
+        assert next_stamp not in graph.info_stamps()         # the next pair is still being reconstructed
+    graph.products(next_stamp)
     later = graph.query(phrases=['chair', 'table'])
     assert later.success and conversions.stamp_to_nanoseconds(later.stamp) == next_stamp
 
 
-def test_labels_parameter_sets_the_active_label_set(graph: SemanticGraph, stereo_frames: list[Any]) -> None:
+def test_labels_parameter_sets_the_active_label_set(graph: SemanticHarness, stereo_frames: list[Any]) -> None:
     from rcl_interfaces.msg import ParameterType
     descriptor = graph.node.describe_parameter('labels')
     assert descriptor.type == ParameterType.PARAMETER_STRING_ARRAY and descriptor.description
@@ -280,11 +225,11 @@ def test_labels_parameter_sets_the_active_label_set(graph: SemanticGraph, stereo
     assert graph.set_labels(custom).successful
     try:
         assert graph.node.node_config.labels == tuple(custom)
-        _, products = graph.play(stereo_frames[2 % len(stereo_frames)])
+        products = graph.products(graph.play(stereo_frames[2 % len(stereo_frames)]))
         assert list(products[lsm.INFO_TOPIC].labels) == custom
         assert _mono(products[lsm.SEMANTIC_LABELS_TOPIC]).max() < len(custom)
         assert conversions.pointcloud2_to_numpy(products[lsm.POINTS_TOPIC])['label'].max() < len(custom)
-        response = graph.query()
+        response = graph.query(phrases=[])                  # no phrases: the active label set
         assert response.success and list(response.phrases) == custom and len(response.masks) == 2 * len(custom)
     finally:
         assert graph.set_labels(list(DEFAULT_LABELS)).successful

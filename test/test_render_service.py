@@ -11,32 +11,26 @@ are checked, as are frames, stamps and intrinsics.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from conftest import SpinningExecutor, StereoPublisher, gated_reconstruct, make_lsm_node, wait_until
+from conftest import NodeHarness, gated_reconstruct, harness_fixture, wait_until
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
-from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import GaussianCloud, Reconstruction
 from lsm_ros.rendering import SH_C0
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
 from lsm_ros.semantics import DEFAULT_LABELS, NO_LABEL
-from lsm_ros.srv import RenderView
 
 pytestmark = pytest.mark.timeout(600)
 PRODUCTS_TIMEOUT_S = 180.0          # generous: the 2-core machine may be shared
 RENDER_TIMEOUT_S = 120.0
-STAMP_STEP_NS = 1_000_000_000
 MODEL_SIZE = 224
 VIEWS = ('left', 'right', 'midway')
 SMALL_RENDER = dict(width=32, height=24, channels=['alpha'])   # a cheap good request
@@ -66,66 +60,32 @@ def known_gaussians(result: Reconstruction) -> GaussianCloud:
         features=np.random.default_rng(0).normal(size=(count, 64)).astype(np.float32))
 
 
-class RenderGraph:
+class RenderHarness(NodeHarness):
     """lsm_node (tiny LSM, render_views = all three, publish_tf) in namespace ``render``, a stereo publisher, and
-    an observer subscribed to ~/info, ~/relative_pose, /tf and the render views, with a RenderView client."""
+    a client node keeping ~/info, ~/relative_pose ('pose'), /tf ('tf') and the render views ('<view>/image',
+    '<view>/camera_info'), with a RenderView client."""
+
+    timeout_s = PRODUCTS_TIMEOUT_S      # renders too (>= RENDER_TIMEOUT_S)
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
-        self.executor = SpinningExecutor(context)
-        self.node = self.executor.add(make_lsm_node(reconstructor, context, namespace='render',
-                                                    render_views=list(VIEWS), publish_tf=True))
-        self.observer = self.executor.add(Node('test_render_observer', context=context))
-        self.topics = {'info': (self.node.output_topic_names()[lsm.INFO_TOPIC], ReconstructionInfo),
-                       'pose': (self.node.output_topic_names()[lsm.RELATIVE_POSE_TOPIC], PoseStamped),
-                       'tf': (lsm.TF_TOPIC, TFMessage)}
+        super().__init__(context, reconstructor, namespace='render', render_views=list(VIEWS), publish_tf=True)
+
+    def add_entities(self, context: Any) -> None:
+        topics = {'pose': (self.node.output_topic_names()[lsm.RELATIVE_POSE_TOPIC], PoseStamped),
+                  'tf': (lsm.TF_TOPIC, TFMessage)}
         for view in VIEWS:
             image_topic, info_topic = self.node.render_view_topic_names(view)
-            self.topics[f'{view}/image'] = (image_topic, Image)
-            self.topics[f'{view}/camera_info'] = (info_topic, CameraInfo)
-        self.messages: dict[str, list[Any]] = {key: [] for key in self.topics}
-        self._lock = threading.Lock()
-        qos = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
-        for key, (topic, msg_type) in self.topics.items():
-            self.observer.create_subscription(msg_type, topic, self._keep(key), qos)
-        self.client = self.observer.create_client(RenderView, self.node.render_service_name())
-        self.publisher = StereoPublisher(context)
-        self.executor.add(self.publisher.node)
-        self.last_stamp_ns = 0
-        assert wait_until(lambda: self.publisher.connected() and self.client.service_is_ready() and all(
-            self.observer.count_publishers(topic) for key, (topic, _) in self.topics.items() if key != 'tf'),
-            30.0), 'discovery failed'
+            topics[f'{view}/image'] = (image_topic, Image)
+            topics[f'{view}/camera_info'] = (info_topic, CameraInfo)
+        self.keep(topics)
 
-    def _keep(self, key: str) -> Callable[[Any], None]:
-        def callback(msg: Any) -> None:
-            with self._lock:
-                self.messages[key].append(msg)
-        return callback
-
-    def by_stamp(self, key: str, stamp_ns: int) -> list[Any]:
-        with self._lock:
-            headers = [(m.transforms[0].header if key == 'tf' else m.header, m) for m in self.messages[key]]
-        return [m for header, m in headers if conversions.stamp_to_nanoseconds(header.stamp) == stamp_ns]
-
-    def publish(self, frame: Any) -> int:
-        """Publish ``frame`` with a stamp newer than every earlier one; returns the stamp."""
-        stamp_ns = max(frame.stamp_ns, self.last_stamp_ns + STAMP_STEP_NS)
-        self.last_stamp_ns = stamp_ns
-        return self.publisher.publish(frame, stamp_ns)
-
-    def wait_for_products(self, stamp_ns: int) -> dict[str, Any]:
-        """~/info, ~/relative_pose, /tf and every render view of the pair at ``stamp_ns``, by key."""
-        assert wait_until(lambda: all(self.by_stamp(key, stamp_ns) for key in self.topics), PRODUCTS_TIMEOUT_S), \
-            ({key: len(self.by_stamp(key, stamp_ns)) for key in self.topics}, self.node.statistics())
-        return {key: self.by_stamp(key, stamp_ns)[0] for key in self.topics}
-
-    def render(self, **fields: Any) -> RenderView.Response:
-        future = self.client.call_async(RenderView.Request(**fields))
-        assert wait_until(future.done, RENDER_TIMEOUT_S), f'no answer to {fields}'
-        return future.result()
+    def discovered(self) -> bool:
+        return super().discovered() and self.render_client.service_is_ready() and self.products_published()
 
 
 @pytest.fixture(scope='module')
-def graph(ros_context: Any, tiny_lsm_reconstructor: Any) -> Iterator[RenderGraph]:
+def known_scene_reconstructor(tiny_lsm_reconstructor: Any) -> Iterator[Any]:
+    """``tiny_lsm_reconstructor`` whose reconstructions carry :func:`known_gaussians` (for this module)."""
     assert tiny_lsm_reconstructor.semantic
     reconstruct = tiny_lsm_reconstructor.reconstruct
 
@@ -135,19 +95,18 @@ def graph(ros_context: Any, tiny_lsm_reconstructor: Any) -> Iterator[RenderGraph
 
     tiny_lsm_reconstructor.reconstruct = reconstruct_known_scene   # instance attribute, removed below
     try:
-        graph = RenderGraph(ros_context, tiny_lsm_reconstructor)
-        try:
-            yield graph
-        finally:
-            graph.executor.close()
+        yield tiny_lsm_reconstructor
     finally:
         del tiny_lsm_reconstructor.reconstruct
 
 
+graph = harness_fixture(RenderHarness, 'known_scene_reconstructor')
+
+
 @pytest.fixture(scope='module')
-def products(graph: RenderGraph, stereo_frames: list[Any]) -> dict[str, Any]:
+def products(graph: RenderHarness, stereo_frames: list[Any]) -> dict[str, Any]:
     """The products of the first stereo pair (reconstructed once per module)."""
-    return graph.wait_for_products(graph.publish(stereo_frames[0]))
+    return graph.products(graph.publish(stereo_frames[0]))
 
 
 def _rgb(msg: Image) -> np.ndarray:
@@ -201,7 +160,7 @@ def test_rendered_view_conversions() -> None:
     np.testing.assert_allclose(midway[:3, :3] @ midway[:3, :3], T[:3, :3], atol=1e-12)
 
 
-def test_render_views_parameter(graph: RenderGraph) -> None:
+def test_render_views_parameter(graph: RenderHarness) -> None:
     from rcl_interfaces.msg import ParameterType
     from rclpy.parameter import Parameter
     descriptor = graph.node.describe_parameter('render_views')
@@ -213,29 +172,22 @@ def test_render_views_parameter(graph: RenderGraph) -> None:
     assert graph.node.node_config.render_views == VIEWS
 
 
-def test_render_before_the_first_reconstruction_is_refused(graph: RenderGraph) -> None:
-    response = graph.render()
+def test_render_before_the_first_reconstruction_is_refused(graph: RenderHarness) -> None:
+    response = graph.render(channels=[])               # an empty request
     assert not response.success and 'no reconstruction yet' in response.message, response.message
     assert response.rgb.width == 0 and response.camera_info.width == 0
 
 
 def test_geometry_only_node_refuses_renders(ros_context: Any, tiny_reconstructor: Any) -> None:
-    executor = SpinningExecutor(ros_context)
-    try:
-        node = executor.add(make_lsm_node(tiny_reconstructor, ros_context, namespace='render_geometry_only'))
-        client = executor.add(Node('test_render_geometry_client', context=ros_context)).create_client(
-            RenderView, node.render_service_name())
-        assert client.wait_for_service(timeout_sec=30.0)
-        future = client.call_async(RenderView.Request(channels=['labels']))
-        assert wait_until(future.done, RENDER_TIMEOUT_S)
-        assert not future.result().success and 'geometry-only' in future.result().message, future.result().message
-    finally:
-        executor.close()
+    with NodeHarness(ros_context, tiny_reconstructor, namespace='render_geometry_only') as geometry:
+        geometry.timeout_s = RENDER_TIMEOUT_S
+        response = geometry.render(channels=['labels'])
+        assert not response.success and 'geometry-only' in response.message, response.message
 
 
-def test_identity_pose_renders_the_left_view(graph: RenderGraph, products: dict[str, Any],
+def test_identity_pose_renders_the_left_view(graph: RenderHarness, products: dict[str, Any],
                                              stereo_frames: list[Any]) -> None:
-    info = products['info']
+    info = products[lsm.INFO_TOPIC]
     assert (info.width, info.height) == (MODEL_SIZE, MODEL_SIZE)
     response = graph.render(channels=['rgb', 'depth', 'alpha'])
     assert response.success, response.message
@@ -259,13 +211,13 @@ def test_identity_pose_renders_the_left_view(graph: RenderGraph, products: dict[
     np.testing.assert_allclose(np.median(rgb[covered], axis=0), np.multiply(LAYER_COLOURS[0], 255), atol=20)
     assert response.features.width == response.labels.width == 0 and list(response.phrases) == []
 
-    default = graph.render()                           # no channels: rgb and depth
+    default = graph.render(channels=[])                # no channels: rgb and depth
     assert default.success and default.rgb.width == default.depth.width == MODEL_SIZE
     assert default.alpha.width == 0
     np.testing.assert_array_equal(_rgb(default.rgb), _rgb(response.rgb))
 
 
-def test_shifted_pose_custom_camera_features_and_labels(graph: RenderGraph, products: dict[str, Any]) -> None:
+def test_shifted_pose_custom_camera_features_and_labels(graph: RenderHarness, products: dict[str, Any]) -> None:
     T = np.eye(4)
     T[:3, :3] = Rotation.from_euler('y', 5.0, degrees=True).as_matrix()
     T[:3, 3] = (0.05, 0.0, 0.0)
@@ -287,7 +239,7 @@ def test_shifted_pose_custom_camera_features_and_labels(graph: RenderGraph, prod
     active = graph.render(width=112, height=112, channels=['labels'])    # k zeros: K_1 at the requested size
     assert active.success and list(active.phrases) == list(DEFAULT_LABELS), active.message
     np.testing.assert_allclose(_k(active.camera_info), conversions.resized_intrinsics(
-        np.reshape(products['info'].k_left, (3, 3)), (MODEL_SIZE, MODEL_SIZE), (112, 112)))
+        np.reshape(products[lsm.INFO_TOPIC].k_left, (3, 3)), (MODEL_SIZE, MODEL_SIZE), (112, 112)))
     assert _mono(active.labels).shape == (112, 112)
 
 
@@ -305,7 +257,7 @@ def test_shifted_pose_custom_camera_features_and_labels(graph: RenderGraph, prod
     (dict(channels=['labels'], phrases=['chair', 'Chair']), 'repeats phrase 0'),
     (dict(channels=['rgb'], phrases=['chair']), "'labels' channel"),
 ])
-def test_bad_requests_are_refused_and_the_node_keeps_working(graph: RenderGraph, products: dict[str, Any],
+def test_bad_requests_are_refused_and_the_node_keeps_working(graph: RenderHarness, products: dict[str, Any],
                                                              fields: dict[str, Any], reason: str) -> None:
     refused_before = graph.node.statistics()['counts'].get('renders_refused', 0)
     response = graph.render(**fields)
@@ -316,9 +268,9 @@ def test_bad_requests_are_refused_and_the_node_keeps_working(graph: RenderGraph,
     assert good.success and (good.alpha.width, good.alpha.height) == (32, 24), good.message
 
 
-def test_render_views_are_published_after_each_reconstruction(graph: RenderGraph, products: dict[str, Any],
+def test_render_views_are_published_after_each_reconstruction(graph: RenderHarness, products: dict[str, Any],
                                                               stereo_frames: list[Any]) -> None:
-    info = products['info']
+    info = products[lsm.INFO_TOPIC]
     assert info.pose_valid
     left_frame = stereo_frames[0].left_image.header.frame_id
     right_frame = stereo_frames[0].right_image.header.frame_id
@@ -348,7 +300,7 @@ def test_render_views_are_published_after_each_reconstruction(graph: RenderGraph
                                np.array([to_right.x, to_right.y, to_right.z]) / 2, rtol=1e-6, atol=1e-9)
 
 
-def test_render_is_answered_while_the_next_pair_is_reconstructed(graph: RenderGraph, products: dict[str, Any],
+def test_render_is_answered_while_the_next_pair_is_reconstructed(graph: RenderHarness, products: dict[str, Any],
                                                                  stereo_frames: list[Any]) -> None:
     answered_stamp = graph.last_stamp_ns
     with gated_reconstruct(graph.node.reconstructor, PRODUCTS_TIMEOUT_S) as gate:   # around the known-scene wrapper
@@ -357,8 +309,8 @@ def test_render_is_answered_while_the_next_pair_is_reconstructed(graph: RenderGr
         response = graph.render(**SMALL_RENDER)
         assert response.success, response.message
         assert conversions.stamp_to_nanoseconds(response.stamp) == answered_stamp
-        assert not gate.release.is_set() and not graph.by_stamp('info', next_stamp)
-    graph.wait_for_products(next_stamp)
+        assert not gate.release.is_set() and next_stamp not in graph.info_stamps()
+    graph.products(next_stamp)
     later = graph.render(**SMALL_RENDER)
     assert later.success and conversions.stamp_to_nanoseconds(later.stamp) == next_stamp
     assert graph.node.statistics()['counts'].get('render_view_failures', 0) == 0
