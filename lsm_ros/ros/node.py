@@ -248,16 +248,6 @@ class ReceivedImage:
 
 
 @dataclass
-class PairAwaitingCameraInfo:
-    """A synchronised pair held until its CameraInfo arrives (or ``deadline_s``, monotonic, passes)."""
-
-    pair: StereoPair[ReceivedImage]
-    settings: Any                 # the ParameterSnapshot it is processed with
-    deadline_s: float
-    message: str                  # the rejection to report if it expires
-
-
-@dataclass
 class PreparedPair:
     """A checked pair, ready for the network: RGB arrays, calibration, the frames of its products and the
     parameters it is processed with (one snapshot, taken when the pair was formed)."""
@@ -270,6 +260,16 @@ class PreparedPair:
     right_frame: str
     received_s: float             # monotonic time the later image of the pair arrived
     settings: ParameterSnapshot
+
+
+@dataclass
+class PairAwaitingCameraInfo:
+    """A checked pair (decoded, without its calibration) held until its CameraInfo arrives (or ``deadline_s``,
+    monotonic, passes)."""
+
+    pair: PreparedPair
+    deadline_s: float
+    message: str                  # the rejection to report if it expires
 
 
 class LsmNode(LifecycleNode):
@@ -850,11 +850,16 @@ class LsmNode(LifecycleNode):
         self._count('pairs')
         settings = self._lsm_params.snapshot   # the one set of parameters this pair is processed with
         try:
-            prepared = self._prepare_pair(pair, settings)
+            checked = self._prepare_pair(pair, settings)
+        except InputRejected as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        try:
+            prepared = self._calibrated(checked)
         except InputRejected as exc:
             wait_s = settings.node.camera_info_wait_s
             if exc.reason == REJECT_NO_CAMERA_INFO and wait_s > 0:
-                self._await_camera_info(PairAwaitingCameraInfo(pair, settings, time.monotonic() + wait_s, str(exc)))
+                self._await_camera_info(PairAwaitingCameraInfo(checked, time.monotonic() + wait_s, str(exc)))
             else:
                 self._reject(exc.reason, str(exc))
             return
@@ -874,8 +879,9 @@ class LsmNode(LifecycleNode):
             waiting, self._awaiting_camera_info = self._awaiting_camera_info, None
         if waiting is None:
             return
-        try:
-            prepared = self._prepare_pair(waiting.pair, waiting.settings)
+        try:   # the stamp checks and the CameraInfo lookup again; the images were decoded and checked once
+            self._check_stamp(waiting.pair.stamp_ns, waiting.pair.settings.node)
+            prepared = self._calibrated(waiting.pair)
         except InputRejected as exc:
             if exc.reason == REJECT_NO_CAMERA_INFO and time.monotonic() < waiting.deadline_s:
                 with self._lock:
@@ -908,11 +914,10 @@ class LsmNode(LifecycleNode):
             with self._lock:
                 self._counts['pairs_discarded_inactive'] += 1
 
-    def _prepare_pair(self, pair: StereoPair[ReceivedImage], settings: ParameterSnapshot) -> PreparedPair:
-        """Check a synchronised pair and convert it for the network; raises :class:`InputRejected`."""
-        cfg = settings.node
-        stamp_ns = pair.stamp_ns
-        stamp_text = f'{stamp_ns * 1e-9:.6f} s'
+    def _check_stamp(self, stamp_ns: int, cfg: NodeConfig) -> None:
+        """Raise :class:`InputRejected` for a pair not newer than the last accepted one, or older than
+        ``max_input_age_s``."""
+        stamp_text = _stamp_text(stamp_ns)
         with self._lock:
             last = self._last_accepted_stamp_ns
         if last is not None and stamp_ns <= last:
@@ -923,6 +928,14 @@ class LsmNode(LifecycleNode):
             if age_s > cfg.max_input_age_s:
                 raise InputRejected(REJECT_TOO_OLD, f'pair at {stamp_text} is {age_s:.3f} s old, more than '
                                     f'max_input_age_s = {cfg.max_input_age_s} s: dropped')
+
+    def _prepare_pair(self, pair: StereoPair[ReceivedImage], settings: ParameterSnapshot) -> PreparedPair:
+        """Check a synchronised pair (stamp, encodings, data, sizes) and convert it for the network, without its
+        calibration (:meth:`_calibrated`); raises :class:`InputRejected`."""
+        cfg = settings.node
+        stamp_ns = pair.stamp_ns
+        stamp_text = _stamp_text(stamp_ns)
+        self._check_stamp(stamp_ns, cfg)
         left_msg, right_msg = pair.left.msg, pair.right.msg
         arrays = {side: self._decode(side, msg, stamp_text) for side, msg in (('left', left_msg),
                                                                                 ('right', right_msg))}
@@ -936,13 +949,21 @@ class LsmNode(LifecycleNode):
         if arrays['left'].shape != arrays['right'].shape:
             raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is {left_w}x{left_h}, right '
                                 f'image {right_w}x{right_h}; both must have the same size: dropped')
-        calibration = self._calibration(stamp_ns, stamp_text, (left_w, left_h), cfg) if cfg.use_camera_info else None
         left_frame = cfg.left_frame_id or left_msg.header.frame_id or self._default_frame('left', DEFAULT_LEFT_FRAME)
         right_frame = cfg.right_frame_id or right_msg.header.frame_id or \
             self._default_frame('right', DEFAULT_RIGHT_FRAME)
         return PreparedPair(stamp_ns=stamp_ns, left_rgb=arrays['left'], right_rgb=arrays['right'],
-                            calibration=calibration, left_frame=left_frame, right_frame=right_frame,
+                            calibration=None, left_frame=left_frame, right_frame=right_frame,
                             received_s=max(pair.left.received_s, pair.right.received_s), settings=settings)
+
+    def _calibrated(self, checked: PreparedPair) -> PreparedPair:
+        """``checked`` with the calibration of its CameraInfo when ``use_camera_info`` (else as it is); raises
+        :class:`InputRejected` (missing or unusable CameraInfo)."""
+        cfg = checked.settings.node
+        if not cfg.use_camera_info:
+            return checked
+        height, width = checked.left_rgb.shape[:2]
+        return dataclasses.replace(checked, calibration=self._calibration(checked.stamp_ns, (width, height), cfg))
 
     @staticmethod
     def _decode(side: str, msg: Image | CompressedImage, stamp_text: str) -> np.ndarray:
@@ -961,9 +982,9 @@ class LsmNode(LifecycleNode):
         except conversions.ImageConversionError as exc:
             raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {exc}: dropped') from exc
 
-    def _calibration(self, stamp_ns: int, stamp_text: str, size: tuple[int, int], cfg: NodeConfig
-                     ) -> CameraCalibration:
+    def _calibration(self, stamp_ns: int, size: tuple[int, int], cfg: NodeConfig) -> CameraCalibration:
         """The pair's calibration from the CameraInfo of its stamp; ``size``: the images' (width, height)."""
+        stamp_text = _stamp_text(stamp_ns)
         tolerance_ns = round(cfg.camera_info_tolerance_s * 1e9)
         cache = self._camera_infos
         infos = {}
@@ -1356,6 +1377,11 @@ class LsmNode(LifecycleNode):
             except Exception as exc:  # noqa: BLE001 - the node is destroyed anyway
                 self.get_logger().error(f'releasing lsm_node failed: {type(exc).__name__}: {exc}')
         super().destroy_node()
+
+
+def _stamp_text(stamp_ns: int) -> str:
+    """A stamp in log messages: seconds with 6 decimals."""
+    return f'{stamp_ns * 1e-9:.6f} s'
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
