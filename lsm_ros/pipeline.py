@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -83,12 +83,17 @@ class CameraCalibration:
             K = getattr(self, name)
             if K is None:
                 continue
-            K = np.asarray(K, dtype=np.float64)
-            if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise ValueError(f'{name} must be a finite 3x3 pinhole matrix with fx, fy > 0, got {K!r}')
-            object.__setattr__(self, name, K)
+            object.__setattr__(self, name, checked_pinhole_matrix(K, name))
         if self.baseline_m is not None and not (np.isfinite(self.baseline_m) and self.baseline_m > 0):
             raise ValueError(f'baseline_m must be a positive finite number of metres, got {self.baseline_m!r}')
+
+
+def checked_pinhole_matrix(K: Any, name: str) -> np.ndarray:
+    """``K`` as a float64 (3, 3) array; ValueError unless it is finite with fx, fy > 0."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise ValueError(f'{name} must be a finite 3x3 pinhole matrix with fx, fy > 0, got {K!r}')
+    return K
 
 
 @dataclass
@@ -479,12 +484,10 @@ class Reconstructor:
         if T.shape != (4, 4) or not np.isfinite(T).all() or not np.allclose(T[3], (0, 0, 0, 1)) \
                 or not np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3), atol=1e-5) or np.linalg.det(T[:3, :3]) < 0:
             raise ValueError('T_left_camera must be a finite 4x4 rigid transform (rotation + translation)')
-        K = result.K_1 if K is None else np.asarray(K, dtype=np.float64)
+        K = result.K_1 if K is None else checked_pinhole_matrix(K, 'K')
         width, height = result.size if size is None else (int(size[0]), int(size[1]))
         if not (1 <= width <= MAX_RENDER_SIZE and 1 <= height <= MAX_RENDER_SIZE):
             raise ValueError(f'render size {width}x{height} outside 1..{MAX_RENDER_SIZE} pixels per side')
-        if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-            raise ValueError(f'K must be a finite 3x3 pinhole matrix with fx, fy > 0, got {K!r}')
         want_features = 'features' in channels or bool(phrases)
         g = self._gaussian_tensors(result.gaussians)
         with torch.no_grad():
@@ -513,8 +516,8 @@ class Reconstructor:
         """The cloud's arrays as tensors on the device, kept for the last cloud rendered (videos, services)."""
         with self._render_lock:
             if self._render_cache is None or self._render_cache[0] is not cloud:
-                tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(cloud, name))).to(self.device)
-                           for name in ('means', 'rotations', 'scales', 'opacities', 'sh', 'features')}
+                tensors = {f.name: torch.from_numpy(np.ascontiguousarray(getattr(cloud, f.name))).to(self.device)
+                           for f in fields(cloud)}
                 self._render_cache = (cloud, tensors)
             return self._render_cache[1]
 

@@ -300,9 +300,8 @@ def checkpoint_kind(checkpoint: Any) -> str | None:
     that is not literal-only raises CheckpointError (:func:`parse_constructor_string`)."""
     if not isinstance(checkpoint, Mapping):
         return None
-    args = checkpoint.get('args')
-    text = args.get('model') if isinstance(args, Mapping) else getattr(args, 'model', None)
-    if isinstance(text, str):
+    text = args_model_string(checkpoint)
+    if text is not None:
         return {CLASS_NAME: 'dust3r', 'LSM_Dust3R': 'lsm'}.get(parse_constructor_string(text)[0])
     if isinstance(checkpoint.get('state_dict'), Mapping):
         return 'lseg'
@@ -503,10 +502,17 @@ def _examples(items: list[str]) -> str:
     return shown + (f', ... ({len(items) - _SHOWN} more)' if len(items) > _SHOWN else '')
 
 
-def _config_from_args(checkpoint: Mapping[str, Any]) -> Dust3rConfig:
+def args_model_string(checkpoint: Mapping[str, Any]) -> str | None:
+    """The constructor string ``args.model`` of an official checkpoint (``args`` an argparse Namespace or a
+    mapping), None when there is none."""
     args = checkpoint.get('args')
     text = args.get('model') if isinstance(args, Mapping) else getattr(args, 'model', None)
-    if not isinstance(text, str):
+    return text if isinstance(text, str) else None
+
+
+def _config_from_args(checkpoint: Mapping[str, Any]) -> Dust3rConfig:
+    text = args_model_string(checkpoint)
+    if text is None:
         raise CheckpointError("checkpoint has no constructor string in args.model; pass config= for a plain "
                               "state dict")
     class_name, kwargs = parse_constructor_string(text)

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint_file, load_dust3r_checkpoint,
-                         parse_constructor_string, state_dict_problems)
+from .checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, args_model_string, load_checkpoint_file,
+                         load_dust3r_checkpoint, parse_constructor_string, state_dict_problems)
 from .clip_text import ClipTextConfig, ClipTextEncoder
 from .dust3r import Dust3rConfig, Dust3rNet
 from .gaussian_head import GaussianHead, GaussianHeadConfig, knn_mean_squared_distance
 from .layers import autocast
-from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint, upsample_logits
+from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint
 from .ptv3 import PointTransformerV3LSM, PTv3Config
 
 logger = logging.getLogger(__name__)
@@ -234,9 +234,8 @@ class LargeSpatialModel(nn.Module):
         expanded = self.feature_expansion(F.interpolate(features, scale_factor=0.5, mode='bilinear',
                                                         align_corners=False))
         logits = decode_labels(expanded, text_features)
-        if features.shape[-2:] == tuple(2 * s for s in logits.shape[-2:]):
-            return upsample_logits(logits)
-        # odd sizes (rendered views of any size): the same aligned-corner bilinear resampling to the input size
+        # to the input size (any size: rendered views too); with aligned corners the sampling grid follows from
+        # the sizes alone, so an even size gives exactly LSeg's x2 upsampling
         return F.interpolate(logits, size=features.shape[-2:], mode='bilinear', align_corners=True)
 
     @torch.no_grad()
@@ -319,9 +318,8 @@ def lsm_config_from_checkpoint(checkpoint: Any, path: Path | None) -> dict[str, 
     source = str(path) if path else 'LSM checkpoint'
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{source}: not a checkpoint dict')
-    args = checkpoint.get('args')
-    text = args.get('model') if isinstance(args, Mapping) else getattr(args, 'model', None)
-    if not isinstance(text, str):
+    text = args_model_string(checkpoint)
+    if text is None:
         raise CheckpointError(f'{source}: no args.model string; is this an LSM checkpoint-final.pth?')
     class_name, kwargs = parse_constructor_string(text)
     if class_name != LSM_CLASS_NAME or not isinstance(kwargs.get('config'), Mapping):
