@@ -198,8 +198,8 @@ REJECT_NO_CAMERA_INFO = 'missing_camera_info'
 REJECT_BAD_CAMERA_INFO = 'bad_camera_info'
 REJECT_STALE = 'stale_stamp'
 REJECT_TOO_OLD = 'too_old'
-REJECT_RECONSTRUCTION = 'reconstruction_failed'   # inference raised
-REJECT_OUT_OF_MEMORY = 'out_of_memory'            # inference ran out of (accelerator or host) memory
+# inference raised / ran out of (accelerator or host) memory: diagnostics reports these as failures, not bad input
+REJECT_RECONSTRUCTION, REJECT_OUT_OF_MEMORY = diagnostics.INFERENCE_FAILURE_REASONS
 
 # Lifecycle: primary states (labels as lifecycle_msgs/State and `ros2 lifecycle get` spell them).
 STATE_UNCONFIGURED = 'unconfigured'
@@ -757,10 +757,6 @@ class LsmNode(LifecycleNode):
         """Fully resolved image topics subscribed to, {'left': ..., 'right': ...} (empty while unconfigured)."""
         return {side: topic for side, topic in self._input_topics.items() if side in ('left', 'right')}
 
-    def input_camera_info_topic_names(self) -> dict[str, str]:
-        """Fully resolved CameraInfo topics subscribed to, {'left': ..., 'right': ...} (empty while unconfigured)."""
-        return {key[:-len('_info')]: topic for key, topic in self._input_topics.items() if key.endswith('_info')}
-
     def query_service_name(self) -> str:
         """Fully resolved name of the ~/query service."""
         return self.resolve_service_name(QUERY_SERVICE)
@@ -896,8 +892,7 @@ class LsmNode(LifecycleNode):
         """Hand a checked pair to the worker (it replaces a still pending one), or count it when not active."""
         worker = self._worker
         if worker is None or not self._processing:
-            with self._lock:
-                self._counts['pairs_discarded_inactive'] += 1
+            self._count('pairs_discarded_inactive')
             return
         with self._lock:
             self._last_accepted_stamp_ns = prepared.stamp_ns
@@ -911,8 +906,7 @@ class LsmNode(LifecycleNode):
         try:
             worker.submit(prepared)  # replaces a still pending pair (counted in statistics()['worker'])
         except RuntimeError:     # stopped by a concurrent cleanup
-            with self._lock:
-                self._counts['pairs_discarded_inactive'] += 1
+            self._count('pairs_discarded_inactive')
 
     def _check_stamp(self, stamp_ns: int, cfg: NodeConfig) -> None:
         """Raise :class:`InputRejected` for a pair not newer than the last accepted one, or older than
