@@ -43,7 +43,7 @@ from lsm_ros.model.dust3r import Encoded
 from lsm_ros.model.gaussian_head import knn_mean_squared_distance
 from lsm_ros.model.layers import autocast, check_precision
 from lsm_ros.model.lsm import merge_points
-from lsm_ros.pipeline import NETWORK_OUTPUT_KEYS, Reconstructor, estimate_intrinsics
+from lsm_ros.pipeline import DEPTH_MIN_ALPHA, NETWORK_OUTPUT_KEYS, Reconstructor, estimate_intrinsics
 from lsm_ros.preprocess import ImageCrop, preprocess_pair
 from lsm_ros.reference_weights import find_reference_dir
 from lsm_ros.rendering import render_gaussians
@@ -210,11 +210,6 @@ def _proc_status_kib(field_name: str) -> int:
             if line.startswith(field_name + ':'):
                 return int(line.split()[1])
     raise RuntimeError(f'{field_name} not in /proc/self/status')
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process (/proc/self/status VmRSS)."""
-    return _proc_status_kib('VmRSS') * 1024
 
 
 def reset_peak_memory(device: torch.device) -> bool:
@@ -427,7 +422,7 @@ def check_composition(reconstructor: Reconstructor, left: np.ndarray, right: np.
                                 ('rgb', 'depth', 'alpha', 'features'))
     rendered = composed.rendered
     depth = rendered.depth.float().cpu().numpy()
-    depth[rendered.alpha.float().cpu().numpy() < 0.5] = np.nan   # Reconstructor.render's depth rule
+    depth[rendered.alpha.float().cpu().numpy() < DEPTH_MIN_ALPHA] = np.nan   # Reconstructor.render's depth rule
     pairs: dict[str, tuple[Any, Any]] = {
         key: (composed.geometry[key], result.network_outputs[key]) for key in NETWORK_OUTPUT_KEYS}
     pairs.update({f'gaussians.{key}': (composed.gaussians[key], getattr(result.gaussians, key))
@@ -457,7 +452,7 @@ class SizeResult:
     samples_s: dict[str, list[float]] = field(default_factory=dict)   # stage -> per-pair seconds
     pair_wall_s: list[float] = field(default_factory=list)           # whole pass incl. render, per pair
     pose_found: list[bool] = field(default_factory=list)             # PnP succeeded (else the render is view 1)
-    render_coverage: list[float] = field(default_factory=list)       # rendered pixels with alpha >= 0.5
+    render_coverage: list[float] = field(default_factory=list)       # rendered pixels: alpha >= DEPTH_MIN_ALPHA
     peak_memory_bytes: int = 0
     peak_since_start: bool = False
     other_processes_cores: float = 0.0                               # over the whole size, warm-up included
@@ -474,7 +469,7 @@ class SizeResult:
         self.pair_wall_s.append(wall_s)
         self.pair_other_cores.append(other_cores)
         self.pose_found.append(bool(composed.pose.success))
-        self.render_coverage.append(float((composed.rendered.alpha >= 0.5).float().mean()))
+        self.render_coverage.append(float((composed.rendered.alpha >= DEPTH_MIN_ALPHA).float().mean()))
 
     def reconstruction_s(self) -> list[float]:
         """Per pair: the sum of the stages from images to Gaussians + cameras (every stage but the render)."""
@@ -630,15 +625,6 @@ class RosBenchResult:
             products=self.products, node_statistics=self.node_statistics)
 
 
-def apply_ros_isolation() -> dict[str, str]:
-    """Loopback-only DDS for this process before rclpy starts: LOCALHOST discovery, the package's Fast DDS
-    profile, and a ROS_DOMAIN_ID of its own (an explicitly set one is kept, as by scripts/ros_env.sh and the
-    tests; otherwise one is reserved with a lock file)."""
-    from lsm_ros.ros.isolation import DOMAIN_ID_VARIABLE, apply_localhost_only_environment, reserve_domain_id
-    explicit = os.environ.get(DOMAIN_ID_VARIABLE, '').strip()
-    return apply_localhost_only_environment(None if explicit else reserve_domain_id())
-
-
 def run_ros_bench(reconstructor: Reconstructor, *, rate_hz: float, duration_s: float,
                   max_other_cores: float | None = None, warmup_timeout_s: float = 600.0,
                   drain_timeout_s: float = 600.0) -> dict[str, Any]:
@@ -656,10 +642,11 @@ def run_ros_bench(reconstructor: Reconstructor, *, rate_hz: float, duration_s: f
     """
     if rate_hz <= 0 or duration_s <= 0:
         raise ValueError(f'rate and duration must be positive, got {rate_hz} Hz for {duration_s} s')
-    environment = apply_ros_isolation()
+    from lsm_ros.ros.isolation import apply_reserved_localhost_environment
+    environment = apply_reserved_localhost_environment()
     from lsm_ros.ros.graph import RosGraph, wait_until
-    from lsm_ros.ros.load_test import (StereoPublisherProcess, add_remapped_lsm_node, statistics_difference,
-                                       stereo_input_topics)
+    from lsm_ros.ros.load_test import (StereoPublisherProcess, add_remapped_lsm_node, current_rss_bytes,
+                                       statistics_difference, stereo_input_topics)
     from lsm_ros.ros.node import RELATIVE_POSE_TOPIC
 
     topics = stereo_input_topics(BENCH_STEREO_PREFIX)
@@ -795,7 +782,7 @@ def build_bench_reconstructor(*, quick: bool, device: str, precision: str,
     if quick:
         return Reconstructor.from_config(LsmConfig.tiny(), **overrides)
     if checkpoints and any(checkpoints.values()):
-        return Reconstructor.from_checkpoints(**{k: v or None for k, v in checkpoints.items()}, **overrides)
+        return Reconstructor.from_checkpoints(**checkpoints, **overrides)   # it reads '' as None
     reference_dir = find_reference_dir()
     if reference_dir is not None:
         return Reconstructor.from_reference(reference_dir, **overrides)

@@ -327,12 +327,17 @@ def save_query(answer, out_dir: Path, threshold: float = 0.0) -> dict[str, Path]
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def cmd_reconstruct(args: argparse.Namespace) -> int:
+def _query_phrases(args: argparse.Namespace) -> tuple[str, ...]:
+    """The validated ``--query`` phrases, () when none; SystemExit saying why when they cannot be a query."""
     from lsm_ros.semantics import validate_phrases
     try:
-        phrases = validate_phrases(args.query) if args.query else ()
+        return validate_phrases(args.query) if args.query else ()
     except ValueError as exc:
         raise SystemExit(f'lsm-ros: --query: {exc}') from exc
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    phrases = _query_phrases(args)
     left, right = read_image(args.left), read_image(args.right)
     calibration = parse_intrinsics(args.intrinsics, args.baseline)
     reconstructor = build_reconstructor(args, allow_untrained=False)
@@ -496,15 +501,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from lsm_ros import io
     from lsm_ros.camera_path import camera_path
-    from lsm_ros.pipeline import MAX_RENDER_SIZE
+    from lsm_ros.pipeline import DEPTH_MIN_ALPHA, MAX_RENDER_SIZE
     from lsm_ros.preprocess import ImageCrop
-    from lsm_ros.semantics import DEFAULT_LABELS, label_palette, validate_phrases
+    from lsm_ros.semantics import DEFAULT_LABELS, label_palette
 
     outputs = tuple(dict.fromkeys(args.channels))
-    try:
-        phrases = validate_phrases(args.query) if args.query else ()
-    except ValueError as exc:
-        raise SystemExit(f'lsm-ros: --query: {exc}') from exc
+    phrases = _query_phrases(args)
     if phrases and 'labels' not in outputs:
         outputs += ('labels',)
     if 'labels' in outputs:
@@ -564,7 +566,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         paths['labels legend'] = io.write_json(out_dir / LABELS_JSON, {
             'phrases': phrases, 'unlabelled_colour_rgb': [0, 0, 0],
             'definition': "label = the phrase of the largest of LSM's logits of the rendered features; black where "
-                          'the accumulated opacity is below 0.5 (nothing rendered)',
+                          f'the accumulated opacity is below {DEPTH_MIN_ALPHA} (nothing rendered)',
             'legend': [{'label': index, 'phrase': phrase, 'colour_rgb': palette[index]}
                        for index, phrase in enumerate(phrases)]})
     known_provenance = rec.weights != UNKNOWN_WEIGHTS
@@ -617,8 +619,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from lsm_ros.weights import default_weights_dir, fetch_weights
-    directory = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    from lsm_ros.weights import fetch_weights, weights_dir
+    directory = weights_dir(args.dir or None)
     outcomes = fetch_weights(directory, only=args.only, base_url=args.base_url, timeout=args.timeout,
                              progress=not args.no_progress, force=args.force)
     for outcome in outcomes:
@@ -636,8 +638,8 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_check(args: argparse.Namespace) -> int:
-    from lsm_ros.weights import check_weights, default_weights_dir, format_check_table
-    directory = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    from lsm_ros.weights import check_weights, format_check_table, weights_dir
+    directory = weights_dir(args.dir or None)
     rows = check_weights(directory, only=args.only, hashes=not args.no_hash)
     print(f'weights in {directory}:')
     print(format_check_table(rows))

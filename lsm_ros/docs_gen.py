@@ -269,11 +269,13 @@ def render(text: str, sections: dict[str, Callable[[], str]] | None = None) -> s
                                 f'<!-- END GENERATED: {m.group("name")} -->', text)
 
 
-def stale_sections(text: str) -> list[str]:
-    """Names of the generated sections of ``text`` that differ from what the code gives."""
+def stale_sections(text: str, fresh: str | None = None) -> list[str]:
+    """Names of the generated sections of ``text`` that differ from what the code gives. ``fresh``: ``text``
+    already rendered (:func:`render`), rendered here when None."""
+    fresh = render(text) if fresh is None else fresh
     current = {m.group('name'): m.group('body') for m in MARKER.finditer(text)}
-    fresh = {m.group('name'): m.group('body') for m in MARKER.finditer(render(text))}
-    return [name for name in fresh if current.get(name) != fresh[name]]
+    generated = {m.group('name'): m.group('body') for m in MARKER.finditer(fresh)}
+    return [name for name in generated if current.get(name) != generated[name]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         text = args.doc.read_text(encoding='utf-8')
-        stale = stale_sections(text)
+        fresh = render(text)
+        stale = stale_sections(text, fresh)
     except (OSError, DocsError) as exc:
         _log.error('%s: %s', args.doc, exc)
         return 2
@@ -296,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log.info('%s is up to date', args.doc)
         return 0
     if stale:
-        args.doc.write_text(render(text), encoding='utf-8')
+        args.doc.write_text(fresh, encoding='utf-8')
         _log.info('%s: rewrote %s', args.doc, ', '.join(stale))
     else:
         _log.info('%s is up to date', args.doc)

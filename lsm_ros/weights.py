@@ -111,13 +111,18 @@ def default_weights_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / '.cache' / 'lsm_ros' / 'weights'
 
 
+def weights_dir(directory: str | os.PathLike[str] | None = None) -> Path:
+    """``directory`` (``~`` expanded), or :func:`default_weights_dir` when None."""
+    return Path(directory).expanduser() if directory is not None else default_weights_dir()
+
+
 def installed_checkpoints(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """The official files installed in ``directory`` (default :func:`default_weights_dir`, where ``weights fetch``
     puts them) as PipelineConfig fields: all three (``dust3r_checkpoint``, ``lseg_checkpoint``, ``lsm_checkpoint``:
     the full LSM) when all are there, else ``dust3r_checkpoint`` alone (geometry only) when DUSt3R is, else {}.
     A file's ``weights convert`` conversion (``<stem>.safetensors``, no pickle) is preferred to the original."""
     from lsm_ros.model.checkpoint import SAFETENSORS_SUFFIX
-    folder = Path(directory).expanduser() if directory is not None else default_weights_dir()
+    folder = weights_dir(directory)
     found: dict[str, str] = {}
     for entry in OFFICIAL_WEIGHTS:
         original = folder / entry.filename
@@ -125,8 +130,8 @@ def installed_checkpoints(directory: str | os.PathLike[str] | None = None) -> di
             if candidate.is_file():
                 found[entry.key] = str(candidate)
                 break
-    if {'dust3r', 'lseg', 'lsm'} <= found.keys():
-        return {f'{key}_checkpoint': found[key] for key in ('dust3r', 'lseg', 'lsm')}
+    if set(WEIGHT_KEYS) <= found.keys():
+        return {f'{key}_checkpoint': found[key] for key in WEIGHT_KEYS}
     return {'dust3r_checkpoint': found['dust3r']} if 'dust3r' in found else {}
 
 
@@ -140,13 +145,18 @@ def select_weights(only: Iterable[str] | None = None,
     return tuple(entry for entry in files if not wanted or entry.key in wanted)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Lower-case hex SHA-256 of a file (read in 1 MiB blocks)."""
+def _file_digest(path: str | os.PathLike[str]) -> Any:
+    """The hashlib SHA-256 object of a file's whole content (read in 1 MiB blocks), to be updated further."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         while block := f.read(CHUNK_BYTES):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Lower-case hex SHA-256 of a file (read in 1 MiB blocks)."""
+    return _file_digest(path).hexdigest()
 
 
 def _human(size: int | None) -> str:
@@ -265,16 +275,6 @@ def _locked(handle: BinaryIO, path: Path) -> Iterator[None]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _prefix_hash(path: Path, length: int) -> Any:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        remaining = length
-        while remaining and (block := f.read(min(CHUNK_BYTES, remaining))):
-            digest.update(block)
-            remaining -= len(block)
-    return digest
-
-
 def _resume_hint(part: Path) -> str:
     return (f'the partial download is kept in {part}: run `lsm-ros weights fetch` again to resume it'
             if part.is_file() and part.stat().st_size else 'run `lsm-ros weights fetch` again to retry')
@@ -288,7 +288,7 @@ def _download(url: str, part: Path, name: str, timeout: float, progress: bool) -
     opener = urllib.request.build_opener(_AnnouncingRedirectHandler(announced))
     with open(part, 'ab') as out, _locked(out, part):
         offset = out.seek(0, os.SEEK_END)
-        digest = _prefix_hash(part, offset)
+        digest = _file_digest(part)   # all of it: offset is its size, and the lock keeps other fetches out
         for _ in range(2):  # a second attempt from zero when the server cannot resume
             headers = {'User-Agent': USER_AGENT, 'Accept-Encoding': 'identity'}
             if offset:
@@ -474,7 +474,7 @@ def fetch_weights(directory: str | os.PathLike[str] | None = None, *, only: Iter
                   ) -> list[FetchOutcome]:
     """:func:`fetch_file` for each selected file (``only``: keys, default all of ``files``) into ``directory``
     (default :func:`default_weights_dir`); a failure of one file does not stop the others."""
-    directory = Path(directory).expanduser() if directory is not None else default_weights_dir()
+    directory = weights_dir(directory)
     outcomes = []
     for entry in select_weights(only, files):
         try:
@@ -606,7 +606,7 @@ def check_weights(directory: str | os.PathLike[str] | None = None, *, only: Iter
     :func:`inspect_checkpoint`."""
     from lsm_ros.model.checkpoint import SAFETENSORS_SUFFIX
 
-    directory = Path(directory).expanduser() if directory is not None else default_weights_dir()
+    directory = weights_dir(directory)
     rows = []
     for entry in select_weights(only, files):
         path = directory / entry.filename

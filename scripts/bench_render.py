@@ -31,15 +31,16 @@ FEATURE_DIM = 64
 
 
 def surface_depth(x_over_z: torch.Tensor, y_over_z: torch.Tensor, origin: torch.Tensor, rotation: torch.Tensor,
-                  iterations: int = 20) -> torch.Tensor:
-    """Ray parameters t where the rays origin + t R (x, y, 1) meet the surface z = 2 + 0.2 sin(3x) cos(2y)."""
+                  iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray parameters t where the rays origin + t R (x, y, 1) meet the surface z = 2 + 0.2 sin(3x) cos(2y), and
+    the ray directions R (x, y, 1)."""
     direction = torch.stack([x_over_z, y_over_z, torch.ones_like(x_over_z)], dim=-1) @ rotation.T
     t = torch.full_like(x_over_z, 2.0)
     for _ in range(iterations):
         point = origin + t[..., None] * direction
         height = 2 + 0.2 * torch.sin(3 * point[..., 0]) * torch.cos(2 * point[..., 1])
         t = (height - origin[2]) / direction[..., 2]
-    return t
+    return t, direction
 
 
 def lsm_like_scene(seed: int = 0) -> dict:
@@ -56,8 +57,7 @@ def lsm_like_scene(seed: int = 0) -> dict:
                            dtype=torch.float64))]
     means, footprints = [], []
     for origin, rotation in views:
-        t = surface_depth(x_over_z, y_over_z, origin, rotation)
-        direction = torch.stack([x_over_z, y_over_z, torch.ones_like(x_over_z)], dim=-1) @ rotation.T
+        t, direction = surface_depth(x_over_z, y_over_z, origin, rotation)
         means.append((origin + t[..., None] * direction).reshape(-1, 3))
         footprints.append((t / FOCAL).reshape(-1))
     means = torch.cat(means).float()

@@ -21,30 +21,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TEST_RESOLUTION = 224   # the model size of the test's tiny LSM (test/conftest.py)
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float('inf'):
-        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
-    return value
-
-
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    from lsm_ros.cli import positive_float
     from lsm_ros.ros.load_test import LoadTestConfig
     defaults = LoadTestConfig()
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     length = parser.add_mutually_exclusive_group()
-    length.add_argument('--duration', type=_positive, help=f'stream seconds (default {defaults.duration_s:g})')
-    length.add_argument('--minutes', type=_positive, help='stream minutes')
-    parser.add_argument('--rate', type=_positive, default=defaults.rate_hz,
+    length.add_argument('--duration', type=positive_float, help=f'stream seconds (default {defaults.duration_s:g})')
+    length.add_argument('--minutes', type=positive_float, help='stream minutes')
+    parser.add_argument('--rate', type=positive_float, default=defaults.rate_hz,
                         help='stereo pairs per second (default %(default)s)')
     parser.add_argument('--delay', type=float, default=defaults.inference_delay_s,
                         help='seconds added to every reconstruction (default %(default)s)')
-    parser.add_argument('--request-period', type=_positive, default=defaults.request_period_s,
+    parser.add_argument('--request-period', type=positive_float, default=defaults.request_period_s,
                         help='seconds between ~/query + ~/render requests (default %(default)s)')
-    parser.add_argument('--max-rss-growth-mb', type=_positive, default=defaults.max_rss_growth_mb,
+    parser.add_argument('--max-rss-growth-mb', type=positive_float, default=defaults.max_rss_growth_mb,
                         help='bound on the RSS growth after the warm-up, MB (default %(default)s)')
-    parser.add_argument('--max-latency', type=_positive, default=defaults.max_latency_s,
+    parser.add_argument('--max-latency', type=positive_float, default=defaults.max_latency_s,
                         help='bound on publish -> ~/info, seconds (default %(default)s)')
     parser.add_argument('--threads', type=int, default=defaults.torch_threads,
                         help='torch threads (default %(default)s)')

@@ -11,10 +11,12 @@ Three variables decide where a ROS 2 (Kilted, Fast DDS) process is seen:
 The variables are read when rclpy creates its DDS participant, so they must be set before ``rclpy.init``
 (``os.environ`` changes are seen by the C libraries of the same process).
 
-Two policies:
+Three policies:
 
 - :func:`apply_localhost_only_environment` (tests, the demo): always localhost; an explicitly set
   ``ROS_DOMAIN_ID`` is kept, otherwise one is derived from the process id.
+- :func:`apply_reserved_localhost_environment` (the bench's ROS mode, the load test): the same, but without an
+  explicit ``ROS_DOMAIN_ID`` one is reserved with a lock file (:func:`reserve_domain_id`).
 - :func:`apply_node_environment_defaults` (the ``lsm_node`` entry point): respects the user's
   environment. A robot deployment sets ``ROS_AUTOMATIC_DISCOVERY_RANGE`` (e.g. ``SUBNET``) and its own
   ``ROS_DOMAIN_ID``; only when the discovery range is unset (a development machine) is the node kept on
@@ -127,6 +129,15 @@ def apply_localhost_only_environment(domain_id: int | None = None,
     environ.update(values)
     _log.debug('ROS isolation: %s', values)
     return values
+
+
+def apply_reserved_localhost_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Loopback-only DDS before rclpy starts (:func:`apply_localhost_only_environment`) with a ROS_DOMAIN_ID of
+    this process's own: an explicitly set one is kept (as by scripts/ros_env.sh and the tests), otherwise one is
+    reserved with a lock file (:func:`reserve_domain_id`)."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(DOMAIN_ID_VARIABLE, '').strip()
+    return apply_localhost_only_environment(None if explicit else reserve_domain_id(), environ)
 
 
 def apply_node_environment_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

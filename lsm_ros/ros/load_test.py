@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lsm_ros.ros.diagnostics import process_rss_bytes
 from lsm_ros.ros.graph import RosGraph, wait_until
 
 _log = logging.getLogger(__name__)
@@ -39,6 +40,15 @@ DURATION_VARIABLE = 'LSM_ROS_LOAD_TEST_S'
 STREAM_FRAMES = 4                      # synthetic frames, cycled
 MB = 1e6
 INPUT_TOPICS = ('left/image_rect', 'right/image_rect', 'left/camera_info', 'right/camera_info')
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process (:func:`~lsm_ros.ros.diagnostics.process_rss_bytes`); RuntimeError where it
+    cannot be read (no /proc/self/statm)."""
+    rss = process_rss_bytes()
+    if rss is None:
+        raise RuntimeError('cannot read the resident memory of this process (/proc/self/statm)')
+    return rss
 
 
 def stereo_input_topics(prefix: str) -> dict[str, str]:
@@ -583,8 +593,8 @@ def run_load_test(reconstructor: Any, config: LoadTestConfig = LoadTestConfig())
         raise ValueError('the load test needs the semantic model (~/query and ~/render)')
     if config.duration_s <= 0 or config.rate_hz <= 0 or config.request_period_s <= 0:
         raise ValueError(f'duration, rate and request period must be positive: {config}')
-    from lsm_ros.benchmark import apply_ros_isolation
-    environment = apply_ros_isolation()
+    from lsm_ros.ros.isolation import apply_reserved_localhost_environment
+    environment = apply_reserved_localhost_environment()
     import torch
     threads = torch.get_num_threads()
     if config.torch_threads is not None:
@@ -634,7 +644,6 @@ def _stream(config: LoadTestConfig, lsm_node: Any, observer: _Observer,
     samples the RSS and the worker's outstanding pairs."""
     from geometry_msgs.msg import Pose
 
-    from lsm_ros.benchmark import current_rss_bytes
     from lsm_ros.srv import RenderView, TextQuery
     queries, renders = RequestLog(), RequestLog()
     query = TextQuery.Request(phrases=list(config.query_phrases))
