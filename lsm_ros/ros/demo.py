@@ -46,7 +46,7 @@ from lsm_ros.msg import ReconstructionInfo
 from lsm_ros.pipeline import Reconstructor
 from lsm_ros.ros import conversions
 from lsm_ros.ros.bag_player import BagPlayer, detect_stereo_topics, stereo_playback_tables
-from lsm_ros.ros.graph import RosGraph
+from lsm_ros.ros.graph import RosGraph, remap_arguments
 from lsm_ros.ros.isolation import apply_localhost_only_environment
 from lsm_ros.ros.node import (INFO_TOPIC, LEFT_DEPTH_TOPIC, LEFT_IMAGE_TOPIC, LEFT_INFO_TOPIC, LEFT_MODEL_INFO_TOPIC,
                               POINTS_TOPIC, RELATIVE_POSE_TOPIC, RIGHT_DEPTH_TOPIC, RIGHT_IMAGE_TOPIC, RIGHT_INFO_TOPIC,
@@ -331,7 +331,7 @@ def run_demo(out_dir: str | Path, *, bag: str | Path | None = None, max_pairs: i
                         RIGHT_IMAGE_TOPIC: remap[stereo_topics.right_image],
                         LEFT_INFO_TOPIC: remap[stereo_topics.left_info],
                         RIGHT_INFO_TOPIC: remap[stereo_topics.right_info]}
-        cli_args = ['--ros-args'] + [arg for src, dst in input_remaps.items() for arg in ('-r', f'{src}:={dst}')]
+        cli_args = remap_arguments(input_remaps)
         lsm_node = graph.add(LsmNode(reconstructor, context=context, namespace=DEMO_NAMESPACE, cli_args=cli_args,
                                      parameter_overrides=overrides, use_global_arguments=False))
         recorder = graph.add(ProductRecorder(out_dir, lsm_node.output_topic_names(), record_tf=publish_tf,

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import rclpy
 from rclpy.executors import (ConditionReachedException, ExternalShutdownException, MultiThreadedExecutor,
@@ -42,6 +42,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 
             return True
         time.sleep(poll_s)
     return bool(predicate())
+
+
+def remap_arguments(topics: Mapping[str, str]) -> list[str]:
+    """``--ros-args -r a:=b ...`` for a node's ``cli_args``: remap each topic to its target."""
+    return ['--ros-args'] + [arg for source, target in topics.items() for arg in ('-r', f'{source}:={target}')]
 
 
 class SteadyMultiThreadedExecutor(MultiThreadedExecutor):

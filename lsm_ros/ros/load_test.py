@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from lsm_ros.ros.diagnostics import process_rss_bytes
-from lsm_ros.ros.graph import RosGraph, wait_until
+from lsm_ros.ros.graph import RosGraph, remap_arguments, wait_until
 
 _log = logging.getLogger(__name__)
 
@@ -54,11 +54,6 @@ def current_rss_bytes() -> int:
 def stereo_input_topics(prefix: str) -> dict[str, str]:
     """The node's inputs (relative names) remapped under ``prefix``: {'left/image_rect': '<prefix>/left/...'}."""
     return {topic: f'{prefix}/{topic}' for topic in INPUT_TOPICS}
-
-
-def remap_arguments(topics: Mapping[str, str]) -> list[str]:
-    """``--ros-args -r a:=b ...`` for a node's ``cli_args``."""
-    return ['--ros-args'] + [arg for source, target in topics.items() for arg in ('-r', f'{source}:={target}')]
 
 
 def add_remapped_lsm_node(graph: RosGraph, reconstructor: Any, namespace: str, topics: Mapping[str, str]) -> Any:
