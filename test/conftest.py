@@ -31,7 +31,7 @@ ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id()
 os.environ['LSM_ROS_WEIGHTS'] = tempfile.mkdtemp(prefix='lsm_ros_test_weights_')
 assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
 
-# after the isolation; wait_until for the tests
+# after the isolation; RosGraph (the tests' in-process graph: add(), close()) and wait_until for the tests
 from lsm_ros.ros.graph import DEFAULT_EXECUTOR_THREADS, RosGraph, wait_until  # noqa: E402,F401
 
 # The tiny random DUSt3R of the ROS tests: ~1 s per pair on 2 CPU cores at 224x224. The wide PnP threshold
@@ -41,11 +41,30 @@ TINY_NETWORK = dict(enc_embed_dim=32, enc_depth=1, enc_num_heads=2, dec_embed_di
 TINY_PIPELINE = dict(device='cpu', resolution=224, pose_max_points=512, pose_ransac_iterations=20,
                      pose_reprojection_error_px=100.0)
 TINY_MODEL_IMAGE_SIZE = 64   # side of the random images of the tiny_model tests (a multiple of LSeg's 32)
+# The official constructor string of a small DUSt3R (its DPT heads keep the default widths, so it is not the tiny
+# LSM's DUSt3R): the network of the small official-layout files of the checkpoint tests.
+SMALL_DUST3R_STRING = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
+                       "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
+                       "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, "
+                       "dec_embed_dim=32, dec_depth=2, dec_num_heads=2)")
 EUROC_BAG_RELATIVE = Path('data') / 'euroc_v101_stereo_rosbag2' / 'euroc_v101_stereo_db3'
 
 
 def pytest_report_header(config: Any) -> str:
     return 'ROS isolation: ' + ', '.join(f'{k}={v}' for k, v in ROS_ENVIRONMENT.items())
+
+
+def official_dust3r_checkpoint(net: Any, model_string: str, **args: Any) -> dict:
+    """``net`` (a Dust3rNet) in the official DUSt3R file layout: ``{'args': Namespace(model=model_string, **args),
+    'model': official state dict}``, with the layer_rn aliases and the (unused) ``mask_token`` of the real file."""
+    import argparse
+
+    import torch
+
+    from lsm_ros.model.checkpoint import to_official_state_dict
+    state = to_official_state_dict(net.state_dict())
+    state['mask_token'] = torch.zeros(1, 1, net.config.dec_embed_dim)
+    return {'args': argparse.Namespace(model=model_string, **args), 'model': state}
 
 
 @pytest.fixture(scope='session')
@@ -112,10 +131,6 @@ def ros_context() -> Iterator[Any]:
         context.try_shutdown()
 
 
-# The tests' in-process graph: RosGraph on the module's Context (``SpinningExecutor(ros_context)``; add(), close()).
-SpinningExecutor = RosGraph
-
-
 @dataclass
 class ReconstructGate:
     """See :func:`gated_reconstruct`."""
@@ -146,15 +161,18 @@ STEREO_REMAPS = {'left/image_rect': '/stereo/left/image_rect', 'right/image_rect
                  'left/camera_info': '/stereo/left/camera_info', 'right/camera_info': '/stereo/right/camera_info'}
 
 
-def make_lsm_node(reconstructor: Any, context: Any, namespace: str = 'lsm', **parameters: Any) -> Any:
-    """An LsmNode in ``namespace`` with its inputs remapped to /stereo/..., parameters given as overrides."""
+def make_lsm_node(reconstructor: Any, context: Any, namespace: str = 'lsm', *,
+                  node_options: dict[str, Any] | None = None, **parameters: Any) -> Any:
+    """An LsmNode in ``namespace`` with its inputs remapped to /stereo/..., parameters given as overrides;
+    ``node_options``: more keyword arguments of LsmNode (diagnostic_thresholds, ...)."""
     from rclpy.parameter import Parameter
 
     from lsm_ros.ros.node import LsmNode
     cli_args = ['--ros-args'] + [a for src, dst in STEREO_REMAPS.items() for a in ('-r', f'{src}:={dst}')]
     return LsmNode(reconstructor, context=context, namespace=namespace, cli_args=cli_args,
                    use_global_arguments=False,
-                   parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
+                   parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()],
+                   **(node_options or {}))
 
 
 class ProductCollector:
@@ -195,19 +213,9 @@ class ProductCollector:
             self.logs.append(msg)
 
     def by_stamp(self, key: str, stamp_ns: int) -> list[Any]:
-        """Messages of ``key`` whose header (or first transform's header) has ``stamp_ns``."""
-        from lsm_ros.ros.conversions import stamp_to_nanoseconds
+        """Messages of ``key`` stamped ``stamp_ns`` (:func:`message_stamp_ns`)."""
         with self._lock:
-            found = []
-            for _, msg in self.messages[key]:
-                header = msg.transforms[0].header if hasattr(msg, 'transforms') else msg.header
-                if stamp_to_nanoseconds(header.stamp) == stamp_ns:
-                    found.append(msg)
-            return found
-
-    def log_text(self, name_contains: str = 'lsm_node') -> str:
-        with self._lock:
-            return '\n'.join(m.msg for m in self.logs if name_contains in m.name)
+            return [msg for _, msg in self.messages[key] if message_stamp_ns(msg) == stamp_ns]
 
     def connected(self) -> bool:
         """Every product topic (except /tf, created on demand) has a publisher."""
@@ -328,7 +336,7 @@ class NodeHarness:
 
         from lsm_ros.msg import ReconstructionInfo
         from lsm_ros.ros import node as lsm
-        self.executor = SpinningExecutor(context, num_threads=self.executor_threads)
+        self.executor = RosGraph(context, num_threads=self.executor_threads)
         try:
             self.node = self.executor.add(self.make_node(reconstructor, context, namespace, **parameters))
             self.client = self.executor.add(Node(f'test_{namespace}_client', context=context))

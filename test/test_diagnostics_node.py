@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import STEREO_REMAPS, NodeHarness, StereoPublisher, wait_until
+from conftest import STEREO_REMAPS, NodeHarness, StereoPublisher, make_lsm_node, wait_until
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.clock import ClockType
 from rclpy.lifecycle import TransitionCallbackReturn
@@ -37,12 +37,9 @@ Report = dict[str, DiagnosticStatus]       # one node's statuses of one Diagnost
 
 def _node(reconstructor: Any, context: Any, namespace: str, **parameters: Any) -> lsm.LsmNode:
     """An LsmNode with the /stereo remaps, a short stale threshold and report period, and ``parameters``."""
-    cli_args = ['--ros-args'] + [a for src, dst in STEREO_REMAPS.items() for a in ('-r', f'{src}:={dst}')]
-    overrides = {'diagnostics_period_s': PERIOD_S, **parameters}
-    return lsm.LsmNode(reconstructor, context=context, namespace=namespace, cli_args=cli_args,
-                       use_global_arguments=False, diagnostic_thresholds=diag.DiagnosticThresholds(
-                           stale_after_s=STALE_AFTER_S),
-                       parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    thresholds = diag.DiagnosticThresholds(stale_after_s=STALE_AFTER_S)
+    return make_lsm_node(reconstructor, context, namespace, node_options=dict(diagnostic_thresholds=thresholds),
+                         **{'diagnostics_period_s': PERIOD_S, **parameters})
 
 
 def values(status: DiagnosticStatus) -> dict[str, str]:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import official_dust3r_checkpoint
 
 from lsm_ros.model import (CheckpointError, Dust3rConfig, Dust3rNet, load_checkpoint_file, load_dust3r_checkpoint,
                            parse_constructor_string)
-from lsm_ros.model.checkpoint import (ALIASES, map_official_state_dict, official_key_to_ours, our_key_to_official,
-                                      to_official_state_dict)
+from lsm_ros.model.checkpoint import ALIASES, map_official_state_dict, official_key_to_ours, our_key_to_official
 from lsm_ros.model.dpt import dense_confidence, dense_points, postprocess
 from lsm_ros.model.layers import Attention, PatchEmbed, RoPE2D
 
@@ -43,12 +43,6 @@ def _images(batch: int = 1, height: int = 48, width: int = 80, seed: int = 1) ->
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(2 * batch, 3, height, width, generator=generator) * 2 - 1
     return images[:batch], images[batch:]
-
-
-def _official_checkpoint(net: Dust3rNet, model_string: str) -> dict:
-    state = to_official_state_dict(net.state_dict())
-    state['mask_token'] = torch.zeros(1, 1, net.config.dec_embed_dim)
-    return {'args': argparse.Namespace(model=model_string), 'model': state}
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -330,7 +324,7 @@ def test_round_trip_through_official_file(tmp_path: Path) -> None:
     torch.manual_seed(3)
     config = Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_STRING)[1])
     net = Dust3rNet(config).eval()
-    checkpoint = _official_checkpoint(net, SMALL_STRING)
+    checkpoint = official_dust3r_checkpoint(net, SMALL_STRING)
     assert set(ALIASES) <= set(checkpoint['model']) and 'mask_token' in checkpoint['model']
     path = tmp_path / 'small.pth'
     torch.save(checkpoint, path)
@@ -344,14 +338,14 @@ def test_round_trip_through_official_file(tmp_path: Path) -> None:
 
 
 def test_plain_state_dict_with_config(tiny_net: Dust3rNet) -> None:
-    state = _official_checkpoint(tiny_net, 'unused')['model']
+    state = official_dust3r_checkpoint(tiny_net, 'unused')['model']
     loaded = load_dust3r_checkpoint(state, config=tiny_net.config)
     for key, value in tiny_net.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_mismatch_messages(tiny_net: Dust3rNet) -> None:
-    state = _official_checkpoint(tiny_net, 'unused')['model']
+    state = official_dust3r_checkpoint(tiny_net, 'unused')['model']
     del state['enc_norm.weight']
     state['dec_blocks.0.norm4.weight'] = torch.ones(32)
     state['something_else'] = torch.ones(1)
@@ -365,14 +359,14 @@ def test_mismatch_messages(tiny_net: Dust3rNet) -> None:
 
 
 def test_missing_keys_are_counted(tiny_net: Dust3rNet) -> None:
-    state = {k: v for k, v in _official_checkpoint(tiny_net, 'unused')['model'].items()
+    state = {k: v for k, v in official_dust3r_checkpoint(tiny_net, 'unused')['model'].items()
              if not k.startswith('enc_blocks.')}
     with pytest.raises(CheckpointError, match=r'24 missing keys: enc_blocks\.0\.norm1\.weight, .*\(19 more\)'):
         load_dust3r_checkpoint(state, config=tiny_net.config)
 
 
 def test_alias_must_equal_canonical(tiny_net: Dust3rNet) -> None:
-    state = _official_checkpoint(tiny_net, 'unused')['model']
+    state = official_dust3r_checkpoint(tiny_net, 'unused')['model']
     alias = 'downstream_head2.dpt.scratch.layer_rn.1.weight'
     state[alias] = state[alias] + 1
     with pytest.raises(CheckpointError, match='alias'):
@@ -385,6 +379,6 @@ def test_alias_must_equal_canonical(tiny_net: Dust3rNet) -> None:
     (SMALL_STRING.replace("img_size=(64, 64)", "img_size=__import__('os')"), 'refused'),
 ])
 def test_checkpoint_args_are_validated(tiny_net: Dust3rNet, model_string: str, message: str) -> None:
-    checkpoint = _official_checkpoint(tiny_net, model_string)
+    checkpoint = official_dust3r_checkpoint(tiny_net, model_string)
     with pytest.raises(CheckpointError, match=message):
         load_dust3r_checkpoint(checkpoint)

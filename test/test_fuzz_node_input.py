@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import SpinningExecutor, make_lsm_node, wait_until
+from conftest import RosGraph, make_lsm_node, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rcl_interfaces.msg import Log
@@ -108,7 +108,7 @@ def harness(request: pytest.FixtureRequest, ros_context: Any, tiny_reconstructor
         overrides['image_transport'] = transport
     node = make_lsm_node(tiny_reconstructor, ros_context, namespace=f'fuzz_{transport}', **overrides)
     watcher = Node(f'fuzz_{transport}_watcher', context=ros_context)
-    executor = SpinningExecutor(ros_context)
+    executor = RosGraph(ros_context)
     try:
         state = Harness(transport=transport, node=node, callbacks=_input_callbacks(node))
 

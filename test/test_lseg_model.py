@@ -206,6 +206,10 @@ def test_loader_accepts_a_loaded_dict(tiny_extractor: LSegFeatureExtractor,
                                       tiny_text_encoder: ClipTextEncoder) -> None:
     extractor, text_encoder = _load_tiny(_official_checkpoint(tiny_extractor, tiny_text_encoder))
     assert isinstance(extractor, LSegFeatureExtractor) and isinstance(text_encoder, ClipTextEncoder)
+    loaded, source = extractor.state_dict(), tiny_extractor.state_dict()
+    assert loaded.keys() == source.keys()
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_loader_missing_file(tmp_path: Path) -> None:

@@ -7,19 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_IMAGE_SIZE
+from conftest import SMALL_DUST3R_STRING, TINY_MODEL_IMAGE_SIZE, official_dust3r_checkpoint
 
-from lsm_ros.model.checkpoint import CheckpointError, to_official_state_dict
+from lsm_ros.model.checkpoint import CheckpointError
 from lsm_ros.model.gaussian_head import (GaussianHead, GaussianHeadConfig, covariance_matrices,
                                          knn_mean_squared_distance, quaternion_xyzw_to_matrix)
 from lsm_ros.model.lsm import _PTV3_CONFIG_KEYS as PTV3_OFFICIAL_KEYS
 from lsm_ros.model.lsm import LargeSpatialModel, _our_lsm_key_to_official, merge_points
 
 SIZE = TINY_MODEL_IMAGE_SIZE  # image side of the tiny_model tests (conftest's tiny_pair)
-DUST3R_STRING = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
-                 "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
-                 "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=32, "
-                 "dec_depth=2, dec_num_heads=2)")
 
 
 @pytest.fixture(scope='module')
@@ -152,18 +148,18 @@ def test_label_logits(tiny_model, stages) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- official files
-def _official_files(model: LargeSpatialModel, directory: Path, *, extra_lsm: dict | None = None) -> dict:
+def _official_files(model: LargeSpatialModel, directory: Path) -> dict:
     """The tiny model saved as the three official files (the LSM file also carries DUSt3R/LSeg copies)."""
     cfg = model.config
-    dust3r = to_official_state_dict(model.dust3r.state_dict())
-    torch.save({'args': argparse.Namespace(model=DUST3R_STRING), 'model': dust3r}, directory / 'dust3r.pth')
+    checkpoint = official_dust3r_checkpoint(model.dust3r, SMALL_DUST3R_STRING)
+    dust3r = checkpoint['model']
+    torch.save(checkpoint, directory / 'dust3r.pth')
     lseg = {'net.' + k: v for k, v in model.lseg.state_dict().items()}
     lseg.update({'net.clip_pretrained.' + k: v for k, v in model.text_encoder.state_dict().items()})
     torch.save({'state_dict': lseg, 'epoch': 3}, directory / 'lseg.ckpt')
     own = {_our_lsm_key_to_official(k): v for k, v in model.state_dict().items()
            if not k.startswith(('dust3r.', 'lseg.', 'text_encoder.'))}
-    own.update({'dust3r.dust3r.' + k: v for k, v in dust3r.items()})
-    own.update(extra_lsm or {})
+    own.update({'dust3r.dust3r.' + k: v for k, v in dust3r.items() if k != 'mask_token'})
     config = {'dust3r_config': {'pretrained_model_name_or_path': 'pretrained/dust3r.pth'},
               'lseg_config': {'pretrained_model_name_or_path': 'pretrained/lseg.ckpt', 'half_res': True},
               'point_transformer_config': {k: list(v) if isinstance(v, tuple) else v for k, v in

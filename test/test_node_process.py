@@ -7,7 +7,6 @@ Fast DDS profile).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, wait_until
+from conftest import REPO_ROOT, official_dust3r_checkpoint, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,13 +37,11 @@ START_TIMEOUT_S = 150.0   # process start, model load and the warm-up forward on
 def dust3r_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An official-layout DUSt3R checkpoint ({'args': Namespace(model=...), 'model': official state dict})."""
     from lsm_ros.model import Dust3rConfig, Dust3rNet
-    from lsm_ros.model.checkpoint import parse_constructor_string, to_official_state_dict
+    from lsm_ros.model.checkpoint import parse_constructor_string
     torch.manual_seed(0)
     net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_DUST3R)[1]))
-    state = to_official_state_dict(net.state_dict())
-    state['mask_token'] = torch.zeros(1, 1, net.config.dec_embed_dim)
     path = tmp_path_factory.mktemp('weights') / 'small_dust3r.pth'
-    torch.save({'args': argparse.Namespace(model=SMALL_DUST3R), 'model': state}, path)
+    torch.save(official_dust3r_checkpoint(net, SMALL_DUST3R), path)
     return path
 
 

@@ -10,20 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_DUST3R_STRING, official_dust3r_checkpoint
 
 from lsm_ros import io
 from lsm_ros.cli import RECONSTRUCTION_NPZ, main
 from lsm_ros.model import CheckpointError, Dust3rConfig, Dust3rNet
-from lsm_ros.model.checkpoint import to_official_state_dict
 from lsm_ros.pipeline import (CameraCalibration, Reconstructor,
                               resolve_device)
 from lsm_ros.preprocess import preprocess_pair
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-SMALL_CONSTRUCTOR = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
-                     "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
-                     "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, "
-                     "dec_embed_dim=32, dec_depth=2, dec_num_heads=2)")
 
 
 def _image_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -47,11 +43,10 @@ def small_checkpoint(tmp_path_factory):
     """A small random DUSt3R in the official file layout ({'args': Namespace(model=...), 'model': ...})."""
     torch.manual_seed(0)
     from lsm_ros.model.checkpoint import parse_constructor_string
-    _, kwargs = parse_constructor_string(SMALL_CONSTRUCTOR)
+    _, kwargs = parse_constructor_string(SMALL_DUST3R_STRING)
     net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(kwargs))
     path = tmp_path_factory.mktemp('weights') / 'dust3r_small.pth'
-    torch.save({'args': argparse.Namespace(model=SMALL_CONSTRUCTOR),
-                'model': to_official_state_dict(net.state_dict())}, path)
+    torch.save(official_dust3r_checkpoint(net, SMALL_DUST3R_STRING), path)
     return path, net
 
 

@@ -3,9 +3,7 @@ duplicate voxels, pooling / unpooling, patch attention, and the tiny model end t
 from __future__ import annotations
 
 import itertools
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,9 @@ from lsm_ros.model.ptv3 import (CHECKPOINT_PREFIX, PointTransformerV3LSM, PTv3Co
 from lsm_ros.model.serialization import (ORDERS, encode, grid_depth, hilbert_encode, serialization_codes,
                                          z_order_encode)
 from lsm_ros.model.sparse_conv import build_neighbour_map, kernel_offsets, submanifold_conv
+from lsm_ros.reference_weights import find_reference_dir, read_manifest
 
-MANIFEST = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'lsm_vitl_256' / 'manifest.tsv'
+REFERENCE = find_reference_dir()
 
 
 def _random_grid(n: int, depth: int, seed: int) -> torch.Tensor:
@@ -281,7 +280,7 @@ def _tokens(config: PTv3Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.fixture(scope='module')
-def tiny_model() -> PointTransformerV3LSM:
+def tiny_ptv3() -> PointTransformerV3LSM:
     torch.manual_seed(0)
     model = PointTransformerV3LSM(PTv3Config.tiny()).eval()
     with torch.no_grad():   # non-trivial BatchNorm statistics
@@ -292,14 +291,14 @@ def tiny_model() -> PointTransformerV3LSM:
     return model
 
 
-def test_tiny_model_forward(tiny_model: PointTransformerV3LSM) -> None:
-    config = tiny_model.config
+def test_tiny_model_forward(tiny_ptv3: PointTransformerV3LSM) -> None:
+    config = tiny_ptv3.config
     coord, feat = _surface_points()
     tokens = _tokens(config)
     intermediates: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        out = tiny_model(coord, feat, *tokens, intermediates=intermediates)
-        again = tiny_model(coord, feat, *tokens)
+        out = tiny_ptv3(coord, feat, *tokens, intermediates=intermediates)
+        again = tiny_ptv3(coord, feat, *tokens)
     assert out.shape == (coord.shape[0], config.dec_channels[0]) and bool(out.isfinite().all())
     assert torch.equal(out, again)
     n_points = intermediates['n_points'].tolist()
@@ -321,45 +320,45 @@ def test_tiny_model_forward(tiny_model: PointTransformerV3LSM) -> None:
         assert bool((codes[1:] > codes[:-1]).all())
 
 
-def test_tiny_model_orders(tiny_model: PointTransformerV3LSM) -> None:
+def test_tiny_model_orders(tiny_ptv3: PointTransformerV3LSM) -> None:
     coord, feat = _surface_points()
-    tokens = _tokens(tiny_model.config)
-    level = tiny_model.level0(coord)
+    tokens = _tokens(tiny_ptv3.config)
+    level = tiny_ptv3.level0(coord)
     assert torch.equal(level.orders, torch.argsort(level.codes, dim=1, stable=True))
     with torch.no_grad():
-        out = tiny_model(coord, feat, *tokens)
-        injected = tiny_model(coord, feat, *tokens, grid_coord=level.grid.int(), serialization_order=level.orders)
+        out = tiny_ptv3(coord, feat, *tokens)
+        injected = tiny_ptv3(coord, feat, *tokens, grid_coord=level.grid.int(), serialization_order=level.orders)
         assert torch.equal(out, injected)
         with pytest.raises(ValueError, match='does not sort'):
-            tiny_model(coord, feat, *tokens, serialization_order=level.orders.flip(1))
+            tiny_ptv3(coord, feat, *tokens, serialization_order=level.orders.flip(1))
         with pytest.raises(ValueError, match='tokens'):
-            tiny_model(coord, feat, tokens[0][0], *tokens[1:])
+            tiny_ptv3(coord, feat, tokens[0][0], *tokens[1:])
 
 
-def test_tiny_model_is_permutation_equivariant_on_unique_voxels(tiny_model: PointTransformerV3LSM) -> None:
+def test_tiny_model_is_permutation_equivariant_on_unique_voxels(tiny_ptv3: PointTransformerV3LSM) -> None:
     coord, feat = _surface_points(side=40)
-    grid = voxel_grid(coord, tiny_model.config.grid_size)
+    grid = voxel_grid(coord, tiny_ptv3.config.grid_size)
     voxel = torch.unique(grid, dim=0, return_inverse=True)[1]
     first = torch.full((int(voxel.max()) + 1,), len(voxel)).scatter_reduce(0, voxel, torch.arange(len(voxel)), 'amin')
     coord, feat, grid = coord[first], feat[first], grid[first]      # one point per voxel
     perm = torch.randperm(coord.shape[0], generator=torch.Generator().manual_seed(1))
-    tokens = _tokens(tiny_model.config)
+    tokens = _tokens(tiny_ptv3.config)
     with torch.no_grad():
-        out = tiny_model(coord, feat, *tokens, grid_coord=grid)
-        permuted = tiny_model(coord[perm], feat[perm], *tokens, grid_coord=grid[perm])
+        out = tiny_ptv3(coord, feat, *tokens, grid_coord=grid)
+        permuted = tiny_ptv3(coord[perm], feat[perm], *tokens, grid_coord=grid[perm])
     torch.testing.assert_close(permuted, out[perm], rtol=1e-4, atol=1e-5)
 
 
-def test_strict_load_round_trip(tiny_model: PointTransformerV3LSM) -> None:
+def test_strict_load_round_trip(tiny_ptv3: PointTransformerV3LSM) -> None:
     torch.manual_seed(5)
     other = PointTransformerV3LSM(PTv3Config.tiny()).eval()
-    official = {CHECKPOINT_PREFIX + k: v for k, v in tiny_model.state_dict().items()}
+    official = {CHECKPOINT_PREFIX + k: v for k, v in tiny_ptv3.state_dict().items()}
     official['gaussian_head.weight'] = torch.zeros(1)
     other.load_state_dict(strip_checkpoint_prefix(official), strict=True)
     coord, feat = _surface_points(side=20)
-    tokens = _tokens(tiny_model.config)
+    tokens = _tokens(tiny_ptv3.config)
     with torch.no_grad():
-        assert torch.equal(other(coord, feat, *tokens), tiny_model(coord, feat, *tokens))
+        assert torch.equal(other(coord, feat, *tokens), tiny_ptv3(coord, feat, *tokens))
 
 
 def test_without_cross_attention() -> None:
@@ -372,16 +371,10 @@ def test_without_cross_attention() -> None:
         assert model(coord, feat).shape == (256, config.dec_channels[0])
 
 
+@pytest.mark.skipif(REFERENCE is None, reason='reference folder shared/reference/lsm_vitl_256 absent')
 def test_state_dict_matches_official_manifest() -> None:
-    if not MANIFEST.is_file():
-        pytest.skip(f'reference manifest not found: {MANIFEST}')
-    expected = []
-    with open(MANIFEST) as f:
-        next(f)
-        for line in f:
-            name, shape, dtype = line.rstrip('\n').split('\t')[:3]
-            if name.startswith(CHECKPOINT_PREFIX):
-                expected.append((name[len(CHECKPOINT_PREFIX):], tuple(json.loads(shape)), dtype))
+    expected = [(name[len(CHECKPOINT_PREFIX):], shape, dtype) for name, shape, dtype, _ in read_manifest(REFERENCE)
+                if name.startswith(CHECKPOINT_PREFIX)]
     with torch.device('meta'):
         model = PointTransformerV3LSM(PTv3Config())
     actual = [(k, tuple(v.shape), str(v.dtype).removeprefix('torch.')) for k, v in model.state_dict().items()]

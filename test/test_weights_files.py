@@ -16,44 +16,32 @@ from typing import Any, Callable
 import pytest
 import safetensors.torch
 import torch
+from conftest import SMALL_DUST3R_STRING, official_dust3r_checkpoint
 
 from lsm_ros import cli, weights
 from lsm_ros.config import PipelineConfig
 from lsm_ros.model.checkpoint import (EXTRA_KEY, KIND_KEY, CheckpointError, is_safetensors_file,
                                       load_checkpoint_file, load_dust3r_checkpoint, load_safetensors_file,
-                                      parse_constructor_string, read_safetensors_header, save_safetensors_file,
-                                      to_official_state_dict)
+                                      parse_constructor_string, read_safetensors_header, save_safetensors_file)
 from lsm_ros.model.dust3r import Dust3rConfig, Dust3rNet
 from lsm_ros.model.lseg import load_lseg_checkpoint
-from lsm_ros.model.lsm import LargeSpatialModel, LsmConfig, _our_lsm_key_to_official, lsm_config_from_checkpoint
+from lsm_ros.model.lsm import _PTV3_CONFIG_KEYS, LargeSpatialModel, _our_lsm_key_to_official, lsm_config_from_checkpoint
 from lsm_ros.pipeline import Reconstructor
 from lsm_ros.weights import OFFICIAL_WEIGHTS, check_weights, convert_checkpoint, convert_weights, format_check_table
 
 DUST3R, LSEG, LSM = (entry.filename for entry in OFFICIAL_WEIGHTS)
-# a DUSt3R constructor string of a small network (its DPT heads keep the default widths, so it is not the tiny LSM's
-# DUSt3R: files with it need the network config given, except in the pipeline test, which builds this one)
-SMALL_DUST3R = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
-                "img_size=(512, 512), head_type='dpt', output_mode='pts3d', depth_mode=('exp', -inf, inf), "
-                "conf_mode=('exp', 1, inf), enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=32, "
-                "dec_depth=2, dec_num_heads=2)")
+# SMALL_DUST3R_STRING is not the tiny LSM's DUSt3R: files with it need the network config given, except in the
+# pipeline test, which builds this one
 SIZE = 32  # image side: a multiple of LSeg's 32, small for speed
-
-
-@pytest.fixture(scope='module')
-def model() -> LargeSpatialModel:
-    """The tiny LSM (LsmConfig.tiny()), random weights."""
-    torch.manual_seed(0)
-    return LargeSpatialModel(LsmConfig.tiny()).eval()
 
 
 def write_official_files(model: LargeSpatialModel, directory: Path) -> dict[str, Path]:
     """The model saved as the three official files, under their names, with the official layouts and the
     extras the real ones carry (training args and state, unused entries, CLIP projections in float16, aliases)."""
     directory.mkdir(parents=True, exist_ok=True)
-    dust3r = to_official_state_dict(model.dust3r.state_dict())  # with the layer_rn aliases (shared storage)
-    dust3r['mask_token'] = torch.zeros(1, 1, model.config.dust3r.dec_embed_dim)
-    torch.save({'args': argparse.Namespace(model=SMALL_DUST3R, lr=1e-4, batch_size=4), 'model': dust3r,
-                'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 89}, directory / DUST3R)
+    checkpoint = official_dust3r_checkpoint(model.dust3r, SMALL_DUST3R_STRING, lr=1e-4, batch_size=4)
+    dust3r = checkpoint['model']  # with the layer_rn aliases (shared storage)
+    torch.save({**checkpoint, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 89}, directory / DUST3R)
     def stored_half(key: str) -> bool:  # LSeg's CLIP: projections in float16, embeddings and norms in float32
         return ('transformer.resblocks.' in key and '.ln_' not in key) or key.endswith('text_projection')
 
@@ -69,12 +57,8 @@ def write_official_files(model: LargeSpatialModel, directory: Path) -> dict[str,
            if not k.startswith(('dust3r.', 'lseg.', 'text_encoder.'))}
     own.update({'dust3r.dust3r.' + k: v for k, v in dust3r.items() if k != 'mask_token'})
     ptv3 = model.config.ptv3
-    ptv3_config = {'enc_depths': list(ptv3.enc_depths), 'enc_channels': list(ptv3.enc_channels),
-                   'enc_num_head': list(ptv3.enc_num_head), 'enc_patch_size': list(ptv3.enc_patch_size),
-                   'dec_depths': list(ptv3.dec_depths), 'dec_channels': list(ptv3.dec_channels),
-                   'dec_num_head': list(ptv3.dec_num_head), 'dec_patch_size': list(ptv3.dec_patch_size),
-                   'cross_dust': ptv3.cross_dust, 'cross_lseg': ptv3.cross_lseg,
-                   'cross_multi_scale': ptv3.cross_multi_scale, 'stride': list(ptv3.strides)}
+    ptv3_config = {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in ((k, getattr(ptv3, 'strides' if k == 'stride' else k)) for k in _PTV3_CONFIG_KEYS)}
     config = {'dust3r_config': {'freeze': 'encoder', 'pretrained_model_name_or_path': f'checkpoints/{DUST3R}'},
               'lseg_config': {'pretrained_model_name_or_path': f'checkpoints/{LSEG}', 'half_res': True},
               'point_transformer_config': ptv3_config,
@@ -85,10 +69,10 @@ def write_official_files(model: LargeSpatialModel, directory: Path) -> dict[str,
 
 
 @pytest.fixture(scope='module')
-def files(model, tmp_path_factory) -> dict[str, Path]:
+def files(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """The official files in official/, their conversions (made together) in converted/."""
     root = tmp_path_factory.mktemp('weights')
-    official = write_official_files(model, root / 'official')
+    official = write_official_files(tiny_model, root / 'official')
     converted = convert_weights(root / 'converted', **{k: str(v) for k, v in official.items()})
     return {**official, **{f'{result.kind}_st': result.path for result in converted}}
 
@@ -120,7 +104,7 @@ def test_conversions_hold_the_same_tensors_and_load_without_pickle(files, monkey
         assert_same_tensors(official['dust3r']['model'], converted['dust3r']['model'])
         assert_same_tensors(official['lseg']['state_dict'], converted['lseg']['state_dict'])
         assert_same_tensors(official['lsm']['model'], converted['lsm']['model'])
-        assert converted['dust3r']['args'] == {'model': SMALL_DUST3R, 'lr': 1e-4, 'batch_size': 4}
+        assert converted['dust3r']['args'] == {'model': SMALL_DUST3R_STRING, 'lr': 1e-4, 'batch_size': 4}
         assert converted['lseg']['hyper_parameters'] == official['lseg']['hyper_parameters']
         assert 'optimizer' not in converted['dust3r'] and 'optimizer_states' not in converted['lseg']
     # converted together: the LSM file names the converted companions, the rest of its config is unchanged
@@ -132,9 +116,9 @@ def test_conversions_hold_the_same_tensors_and_load_without_pickle(files, monkey
     assert names['point_transformer_config'] == original['point_transformer_config']
 
 
-def test_lsm_outputs_are_bit_identical(model, files) -> None:
+def test_lsm_outputs_are_bit_identical(tiny_model, files) -> None:
     """Official files vs their conversions, found through the converted LSM file's companion names."""
-    config = model.config
+    config = tiny_model.config
     reference = LargeSpatialModel.from_official_checkpoints(dust3r=files['dust3r'], lseg=files['lseg'],
                                                             lsm=files['lsm'], config=config)
     converted = LargeSpatialModel.from_official_checkpoints(lsm=files['lsm_st'], config=config)
@@ -148,8 +132,8 @@ def test_lsm_outputs_are_bit_identical(model, files) -> None:
     assert torch.equal(reference.text_features(phrases), converted.text_features(phrases))
 
 
-def test_lseg_keeps_its_float16_entries(model, files) -> None:
-    config = model.config
+def test_lseg_keeps_its_float16_entries(tiny_model, files) -> None:
+    config = tiny_model.config
     (pth_image, pth_text), (st_image, st_text) = (
         load_lseg_checkpoint(files[key], config=config.lseg, text_config=config.clip) for key in ('lseg', 'lseg_st'))
     assert st_text.text_projection.dtype == torch.float16
@@ -163,9 +147,8 @@ def test_pipeline_accepts_a_converted_dust3r_file(tmp_path) -> None:
     """Reconstructor.from_checkpoints with config paths (the network read from the file's args): geometry of the
     .pth and of its conversion."""
     torch.manual_seed(4)
-    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_DUST3R)[1]))
-    torch.save({'args': argparse.Namespace(model=SMALL_DUST3R), 'model': to_official_state_dict(net.state_dict())},
-               tmp_path / DUST3R)
+    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_DUST3R_STRING)[1]))
+    torch.save(official_dust3r_checkpoint(net, SMALL_DUST3R_STRING), tmp_path / DUST3R)
     (converted,) = convert_weights(tmp_path, dust3r=tmp_path / DUST3R)
     img1, img2 = images()
     outputs = []
@@ -180,13 +163,13 @@ def test_pipeline_accepts_a_converted_dust3r_file(tmp_path) -> None:
         assert torch.equal(outputs[0][key], outputs[1][key]), key
 
 
-def test_companions_are_found_as_safetensors_next_to_the_lsm_file(model, files, tmp_path) -> None:
+def test_companions_are_found_as_safetensors_next_to_the_lsm_file(tiny_model, files, tmp_path) -> None:
     """The official LSM file beside converted companions only: they are found by their .safetensors name."""
     shutil.copy(files['lsm'], tmp_path / LSM)
     for key in ('dust3r_st', 'lseg_st'):
         shutil.copy(files[key], tmp_path / files[key].name)
-    loaded = LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / LSM, config=model.config)
-    assert torch.equal(loaded.dust3r.enc_norm.weight, model.dust3r.enc_norm.weight)
+    loaded = LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / LSM, config=tiny_model.config)
+    assert torch.equal(loaded.dust3r.enc_norm.weight, tiny_model.dust3r.enc_norm.weight)
     # an LSM file converted alone keeps the names of the official companions
     (result,) = convert_weights(tmp_path / 'alone', lsm=files['lsm'])
     names = lsm_config_from_checkpoint(load_checkpoint_file(result.path), None)
@@ -292,13 +275,13 @@ def _with_hashes(paths: dict[str, Path], wrong: str = '') -> tuple:
                  for entry in OFFICIAL_WEIGHTS)
 
 
-def test_check_verifies_presence_size_hash_and_kind(model, files, tmp_path) -> None:
+def test_check_verifies_presence_size_hash_and_kind(tiny_model, files, tmp_path) -> None:
     folder = tmp_path / 'w'
     folder.mkdir()
     for key in ('dust3r', 'lseg', 'lsm', 'dust3r_st'):
         shutil.copy(files[key], folder / files[key].name)
     paths = {key: folder / files[key].name for key in ('dust3r', 'lseg', 'lsm')}
-    rows = check_weights(folder, config=model.config)
+    rows = check_weights(folder, config=tiny_model.config)
     assert [(row.path.name, row.status, row.sha256, row.loads) for row in rows] == [
         (DUST3R, 'UNVERIFIED', 'unpublished', 'ok'), ('DUSt3R_ViTLarge_BaseDecoder_512_dpt.safetensors', 'ok', '-',
                                                       'ok'),
@@ -307,9 +290,9 @@ def test_check_verifies_presence_size_hash_and_kind(model, files, tmp_path) -> N
     table = format_check_table(rows)
     assert f'SHA-256 of this copy: {weights.sha256_file(paths["lseg"])}' in table
     assert 'NOT verified against a published hash' in table and 'LSM (PTv3 and Gaussian head)' in table
-    rows = check_weights(folder, files=_with_hashes(paths), config=model.config, only=['lseg', 'lsm'])
+    rows = check_weights(folder, files=_with_hashes(paths), config=tiny_model.config, only=['lseg', 'lsm'])
     assert [(row.status, row.size, row.sha256) for row in rows] == [('ok', 'ok', 'ok')] * 2
-    (row,) = check_weights(folder, files=_with_hashes(paths, wrong='lsm'), config=model.config, only=['lsm'])
+    (row,) = check_weights(folder, files=_with_hashes(paths, wrong='lsm'), config=tiny_model.config, only=['lsm'])
     assert row.status == 'FAIL' and row.sha256 == 'WRONG' and 'the published one is' in row.detail
     # the released shapes (no config; DUSt3R's from its args): the tiny networks' files do not match them
     rows = check_weights(folder, hashes=False)
@@ -318,28 +301,29 @@ def test_check_verifies_presence_size_hash_and_kind(model, files, tmp_path) -> N
     assert 'does not match the LSeg network' in rows[2].detail and 'does not match the LSM network' in rows[3].detail
 
 
-def test_check_names_missing_swapped_partial_and_converted_files(model, files, tmp_path) -> None:
+def test_check_names_missing_swapped_partial_and_converted_files(tiny_model, files, tmp_path) -> None:
     shutil.copy(files['lseg'], tmp_path / DUST3R)                 # the LSeg file under the DUSt3R name
     (tmp_path / f'{LSM}.part').write_bytes(b'partial')
-    rows = check_weights(tmp_path, config=model.config, hashes=False)
+    rows = check_weights(tmp_path, config=tiny_model.config, hashes=False)
     assert [row.status for row in rows] == ['FAIL', 'MISSING', 'MISSING'] and not any(row.ok for row in rows)
     assert 'is a LSeg checkpoint, expected the DUSt3R checkpoint' in rows[0].detail
     assert 'partial download checkpoint-final.pth.part present' in rows[2].detail
     assert '`lsm-ros weights fetch --only lseg` says how' in rows[1].detail
     shutil.copy(files['lseg_st'], tmp_path / files['lseg_st'].name)  # only the conversion of the LSeg file
-    rows = check_weights(tmp_path, config=model.config, only=['lseg'])
+    rows = check_weights(tmp_path, config=tiny_model.config, only=['lseg'])
     assert [(row.path.name, row.status, row.ok) for row in rows] == [(LSEG, 'converted', True),
                                                                       ('demo_e200.safetensors', 'ok', True)]
 
 
-def test_cli_check_exit_codes(model, files, tmp_path, capsys, monkeypatch) -> None:
+def test_cli_check_exit_codes(tiny_model, files, tmp_path, capsys, monkeypatch) -> None:
     assert cli.main(['weights', 'check', '--dir', str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert 'MISSING' in captured.out and 'weights check failed for' in captured.err
     for key in ('dust3r', 'lseg', 'lsm'):
         shutil.copy(files[key], tmp_path / files[key].name)
     real = weights.inspect_checkpoint
-    monkeypatch.setattr(weights, 'inspect_checkpoint', lambda path, kind, config=None: real(path, kind, model.config))
+    monkeypatch.setattr(weights, 'inspect_checkpoint',
+                        lambda path, kind, config=None: real(path, kind, tiny_model.config))
     assert cli.main(['weights', 'check', '--dir', str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count('UNVERIFIED') == 3 and f'weights in {tmp_path}' in out
@@ -394,12 +378,12 @@ REFUSERS: dict[str, tuple[str, Callable[[Path, dict, LargeSpatialModel, Path], A
 
 
 @pytest.mark.parametrize('name', list(REFUSERS))
-def test_code_in_a_checkpoint_is_refused_and_never_run(name, files, model, tmp_path) -> None:
+def test_code_in_a_checkpoint_is_refused_and_never_run(name, files, tiny_model, tmp_path) -> None:
     kind, load = REFUSERS[name]
     sentinel = tmp_path / 'ran'
     evil = write_code_running_checkpoint(tmp_path / 'evil.pth', sentinel, kind)
     with pytest.raises(CheckpointError, match=r"refused to load .*needs the global '(posix|os)\.system'"):
-        load(evil, files, model, tmp_path / 'out')
+        load(evil, files, tiny_model, tmp_path / 'out')
     assert not sentinel.exists() and not (tmp_path / 'out').exists()
 
 
@@ -417,7 +401,7 @@ def test_check_and_cli_convert_refuse_code(files, tmp_path, capsys) -> None:
     assert not sentinel.exists()
 
 
-def test_metadata_of_a_safetensors_file_cannot_run_code(files, model, tmp_path) -> None:
+def test_metadata_of_a_safetensors_file_cannot_run_code(files, tiny_model, tmp_path) -> None:
     """The constructor string of a converted file goes through the same literal-only parser."""
     sentinel = tmp_path / 'ran'
     tensors, metadata = load_safetensors_file(files['lsm_st'])
@@ -426,15 +410,13 @@ def test_metadata_of_a_safetensors_file_cannot_run_code(files, model, tmp_path) 
     save_safetensors_file(tmp_path / 'evil.safetensors', tensors, {**metadata, EXTRA_KEY: json.dumps(extra)})
     with pytest.raises(CheckpointError, match='refused Call'):
         LargeSpatialModel.from_official_checkpoints(lsm=tmp_path / 'evil.safetensors', dust3r=files['dust3r_st'],
-                                                    lseg=files['lseg_st'], config=model.config)
+                                                    lseg=files['lseg_st'], config=tiny_model.config)
     assert not sentinel.exists()
 
 
-def test_installed_official_weights_are_found_and_used_by_the_cli(model, files, tmp_path, monkeypatch) -> None:
+def test_installed_official_weights_are_found_and_used_by_the_cli(files, tmp_path, monkeypatch) -> None:
     """`lsm-ros weights fetch` installs into the default folder; the CLI then uses those files when no checkpoint
     option is given (the full LSM when all three are there, DUSt3R alone otherwise; conversions preferred)."""
-    import shutil
-
     from lsm_ros.cli import build_reconstructor
     from lsm_ros.weights import WEIGHTS_ENV, installed_checkpoints
     folder = tmp_path / 'installed'
@@ -454,7 +436,6 @@ def test_installed_official_weights_are_found_and_used_by_the_cli(model, files, 
 
     # build_reconstructor hands them to Reconstructor.from_checkpoints (whose loading the tests above cover; these
     # tiny files need their model config, which the official constructor string cannot carry)
-    from lsm_ros.pipeline import Reconstructor
     loaded = []
     monkeypatch.setattr(Reconstructor, 'from_checkpoints', classmethod(lambda cls, **kw: loaded.append(kw) or 'model'))
     args = argparse.Namespace(dust3r_checkpoint='', lseg_checkpoint='', lsm_checkpoint='', device='cpu',
