@@ -7,6 +7,7 @@ answering from the last good reconstruction, and the next good pair is processed
 from __future__ import annotations
 
 import functools
+import gc
 import threading
 from typing import Any
 
@@ -122,7 +123,7 @@ def test_failed_pairs_are_dropped_counted_logged_once_and_the_node_recovers(
 def test_release_cached_memory_collects_garbage_and_empties_the_cuda_cache_on_cuda(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(lsm.gc, 'collect', lambda *args: calls.append('gc') or 0)
+    monkeypatch.setattr(gc, 'collect', lambda *args: calls.append('gc') or 0)
     monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: calls.append('empty_cache'))
     lsm.release_cached_memory(torch.device('cpu'))
     assert calls == ['gc']

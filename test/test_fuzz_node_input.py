@@ -32,7 +32,7 @@ from test_fuzz_conversions import (FORMATS, ODD_FORMATS, OTHER_ENCODINGS, PREFIX
                                    garbage_camera_infos)
 
 from lsm_ros.msg import ReconstructionInfo
-from lsm_ros.ros import conversions, diagnostics
+from lsm_ros.ros import conversions, diagnostics, input_checks
 from lsm_ros.ros import node as lsm
 
 pytestmark = pytest.mark.timeout(240)
@@ -399,7 +399,7 @@ def test_fuzzed_pairs_are_rejected_by_reason_logged_once_and_the_node_still_work
     assert statistics['counts'].get('processed', 0) + failed == worker['processed'], statistics
     # what passes the input checks, the network takes: nothing fails on the worker, no accepted image is too small
     assert failed == 0, statistics
-    assert min(accepted_min_side) >= lsm.MIN_IMAGE_SIDE_PX, accepted_min_side
+    assert min(accepted_min_side) >= input_checks.MIN_IMAGE_SIDE_PX, accepted_min_side
     for reason, count in expected.items():
         assert statistics['rejected'][reason] == count, (reason, statistics)
     # rate-limited: one warning per reason (log_throttle_s = 3600 s), however many pairs were rejected for it

@@ -22,6 +22,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 
 from lsm_ros.ros import conversions
 from lsm_ros.ros import node as lsm
+from lsm_ros.ros import runtime
 
 pytestmark = pytest.mark.timeout(120)
 QUIET_S = 1.0                       # how long "nothing was published" is watched
@@ -35,7 +36,7 @@ class ManagedHarness(NodeHarness):
     lifecycle, ~/query and ~/render clients and a ~/info subscription."""
 
     def __init__(self, context: Any, reconstructor: Any) -> None:
-        self.threads_before = lsm.process_torch_threads()
+        self.threads_before = runtime.process_torch_threads()
         # an explicit count differing from torch's default (all cores), so that applying it is observable
         super().__init__(context, reconstructor, namespace='managed', managed=True, torch_threads=MANAGED_THREADS)
 
@@ -107,7 +108,7 @@ def test_configure_creates_the_entities_and_an_inactive_node_counts_images(graph
     assert graph.offers_services() and graph.publishes_products()
     assert node.input_image_topic_names() == {'left': STEREO_REMAPS['left/image_rect'],
                                               'right': STEREO_REMAPS['right/image_rect']}
-    assert lsm.process_torch_threads() == MANAGED_THREADS              # applied at configure
+    assert runtime.process_torch_threads() == MANAGED_THREADS              # applied at configure
     assert node.statistics()['worker_running'] and node.statistics()['model_on_device']
     assert wait_until(graph.publisher.connected, 30.0)
 
@@ -221,7 +222,7 @@ def test_a_transition_that_raises_recovers_to_unconfigured(graph: ManagedHarness
     statistics = node.statistics()
     assert not statistics['worker_running'] and not statistics['model_on_device']
     assert graph.subscribed_inputs() == set() and not graph.offers_services() and not graph.publishes_products()
-    assert lsm.process_torch_threads() == graph.threads_before          # restored with everything else
+    assert runtime.process_torch_threads() == graph.threads_before          # restored with everything else
 
     assert graph.transition(Transition.TRANSITION_CONFIGURE) and graph.transition(Transition.TRANSITION_ACTIVATE)
     response = graph.query()                         # everything was released, the last reconstruction too
@@ -238,7 +239,7 @@ def test_cleanup_then_shutdown_release_everything(graph: ManagedHarness) -> None
     statistics = node.statistics()
     assert not statistics['worker_running'] and not statistics['model_on_device']
     assert graph.subscribed_inputs() == set() and not graph.offers_services() and not graph.publishes_products()
-    assert lsm.process_torch_threads() == graph.threads_before
+    assert runtime.process_torch_threads() == graph.threads_before
     assert node.input_image_topic_names() == {}
     assert graph.transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
     assert node.lifecycle_state == lsm.STATE_FINALIZED
@@ -278,9 +279,9 @@ def test_the_plain_default_is_active_at_once_and_can_still_be_managed(ros_contex
 
 
 def test_torch_threads_parameter() -> None:
-    assert [lsm.torch_thread_count(0, cores) for cores in (1, 2, 16)] == [1, 2, 16]   # 0: every core
-    assert lsm.torch_thread_count(3, cores=2) == 3                    # an explicit count is taken as is
-    assert lsm.torch_thread_count(0) == lsm.available_cpu_cores()
+    assert [runtime.torch_thread_count(0, cores) for cores in (1, 2, 16)] == [1, 2, 16]   # 0: every core
+    assert runtime.torch_thread_count(3, cores=2) == 3                    # an explicit count is taken as is
+    assert runtime.torch_thread_count(0) == runtime.available_cpu_cores()
     from lsm_ros.config import NodeConfig, parameter_specs
     spec = {s.name: s for s in parameter_specs(NodeConfig)}['torch_threads']
     assert spec.default == 0 and spec.read_only and '9.2 s' in spec.description and '14.1 s' in spec.description
@@ -297,7 +298,7 @@ def test_a_bad_torch_threads_value_stops_the_node_with_the_reason(ros_context: A
 def test_warmup_pair_is_a_textured_pair_at_the_model_size() -> None:
     left, right = lsm.warmup_pair(224)
     assert left.shape == right.shape == (224, 224, 3) and left.dtype == right.dtype == np.uint8
-    shift = lsm.WARMUP_SHIFT_PX
+    shift = runtime.WARMUP_SHIFT_PX
     np.testing.assert_array_equal(left[:, :-shift], right[:, shift:])   # the right view: the left one shifted
     assert left.std() > 20
 

@@ -82,8 +82,7 @@ when the pair is formed: its checks, its reconstruction and its publishing never
 Where the code is: this module has the node (life cycle, parameters, pairing and checking input, publishing, the
 service wrapper), its topic and service names and its ``REJECT_*`` reasons. :mod:`lsm_ros.ros.services` checks
 ~/query and ~/render requests and fills their responses, :mod:`lsm_ros.ros.input_checks` checks image sizes and
-CameraInfo, :mod:`lsm_ros.ros.runtime` has the torch thread count, out-of-memory handling and the warm-up pair;
-the names moved there can still be imported from here.
+CameraInfo, :mod:`lsm_ros.ros.runtime` has the torch thread count, out-of-memory handling and the warm-up pair.
 """
 from __future__ import annotations
 
@@ -91,7 +90,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import gc  # noqa: F401 - lsm_ros.ros.node.gc: tests patch gc.collect through it
 import logging
 import signal
 import sys
@@ -142,12 +140,6 @@ from lsm_ros.semantics import QueryResult
 from lsm_ros.srv import RenderView, TextQuery
 from lsm_ros.visualization import FeaturePca
 from lsm_ros.weights import default_weights_dir, installed_checkpoints
-# Moved to the modules above, still importable from here (tests and other modules read them from lsm_ros.ros.node).
-from lsm_ros.ros.input_checks import MIN_IMAGE_SIDE_PX  # noqa: F401
-from lsm_ros.ros.runtime import (WARMUP_SHIFT_PX, available_cpu_cores,  # noqa: F401
-                                 process_torch_threads, torch_thread_count)
-from lsm_ros.ros.services import (DEFAULT_RENDER_CHANNELS, MAX_FEATURE_RENDER_PIXELS,  # noqa: F401
-                                  MAX_RENDER_SIDE, RENDER_REQUEST_CHANNELS, VirtualCamera, is_pinhole_matrix)
 
 NODE_NAME = 'lsm_node'
 # Input topics (relative: remap them, e.g. left/image_rect:=/stereo/left/image_rect).
