@@ -287,9 +287,11 @@ def decode_labels(features: Tensor, text_features_normalized: Tensor) -> Tensor:
     return logits.float().view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
-def upsample_logits(logits: Tensor) -> Tensor:
-    """LSeg's ``output_conv``: bilinear x2 with align_corners=True, (B, P, h, w) -> (B, P, 2h, 2w)."""
-    return F.interpolate(logits, scale_factor=2, mode='bilinear', align_corners=True)
+def upsample_logits(logits: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """LSeg's ``output_conv``: bilinear with align_corners=True, (B, P, h, w) -> (B, P, 2h, 2w), or to ``size``
+    (H, W) (with aligned corners the sampling grid follows from the sizes alone: (2h, 2w) is exactly the x2)."""
+    size = (2 * logits.shape[-2], 2 * logits.shape[-1]) if size is None else tuple(size)
+    return F.interpolate(logits, size=size, mode='bilinear', align_corners=True)
 
 
 # ------------------------------------------------------------------------------------------------ loading

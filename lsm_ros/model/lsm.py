@@ -35,7 +35,7 @@ from .clip_text import ClipTextConfig, ClipTextEncoder
 from .dust3r import Dust3rConfig, Dust3rNet
 from .gaussian_head import GaussianHead, GaussianHeadConfig, knn_mean_squared_distance
 from .layers import autocast
-from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint
+from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint, upsample_logits
 from .ptv3 import PointTransformerV3LSM, PTv3Config
 
 logger = logging.getLogger(__name__)
@@ -233,10 +233,8 @@ class LargeSpatialModel(nn.Module):
         upsampled with align_corners=True as LSeg does."""
         expanded = self.feature_expansion(F.interpolate(features, scale_factor=0.5, mode='bilinear',
                                                         align_corners=False))
-        logits = decode_labels(expanded, text_features)
-        # to the input size (any size: rendered views too); with aligned corners the sampling grid follows from
-        # the sizes alone, so an even size gives exactly LSeg's x2 upsampling
-        return F.interpolate(logits, size=features.shape[-2:], mode='bilinear', align_corners=True)
+        # to the input size: LSeg's x2 for even sizes, the same resampling for any size (rendered views)
+        return upsample_logits(decode_labels(expanded, text_features), features.shape[-2:])
 
     @torch.no_grad()
     def point_label_logits(self, features: Tensor, text_features: Tensor) -> Tensor:
