@@ -3,10 +3,13 @@
 Stage mode (:func:`run_stage_bench`) reconstructs image pairs with the stages composed from the public APIs —
 ``dust3r.encode`` / ``decode`` / ``predict``, ``LargeSpatialModel.semantics`` (LSeg), :func:`merge_points`,
 ``point_transformer``, ``gaussian_head`` with :func:`knn_mean_squared_distance`, the camera recovery of
-:meth:`Reconstructor.reconstruct` (Weiszfeld focal, PnP-RANSAC) and :func:`render_gaussians` (one 256x256
-novel view with features) — timing each (``torch.cuda.synchronize`` around every stage on CUDA). Once per run
-the composed result is checked against :meth:`Reconstructor.reconstruct` and :meth:`Reconstructor.render` on the
-same pair, so the bench times the code the node runs.
+:meth:`Reconstructor.reconstruct` (Weiszfeld focal, relative pose; torch, on the device) and
+:func:`render_gaussians` (one 256x256 novel view with features) — timing each (``torch.cuda.synchronize`` around
+every stage on CUDA). Once per run the composed result is checked against :meth:`Reconstructor.reconstruct` and
+:meth:`Reconstructor.render` on the same pair, so the bench times the code the node runs. After each composed
+pass the real pipeline is timed end to end on the same pair (:func:`time_pipeline`: ``reconstruct`` with its CUDA
+streams and graphs when configured, a query of eight phrases, a render), and ``--precision`` may name several
+precisions, measured in turn on one model (:meth:`Reconstructor.set_precision`).
 
 ROS mode (:func:`run_ros_bench`) runs ``lsm_node`` in-process on loopback (the localhost-only environment of
 :mod:`lsm_ros.ros.isolation`), publishes calibrated stereo pairs with CameraInfo from a process of its own at a
@@ -41,12 +44,13 @@ from lsm_ros.camera_path import camera_path
 from lsm_ros.config import PipelineConfig
 from lsm_ros.model.dust3r import Encoded
 from lsm_ros.model.gaussian_head import knn_mean_squared_distance
-from lsm_ros.model.layers import autocast, check_precision
+from lsm_ros.model.layers import autocast, check_precision, fp32_matmul
 from lsm_ros.model.lsm import merge_points
-from lsm_ros.pipeline import DEPTH_MIN_ALPHA, NETWORK_OUTPUT_KEYS, Reconstructor, estimate_intrinsics
+from lsm_ros.pipeline import DEPTH_MIN_ALPHA, FOCAL_BOUNDS, NETWORK_OUTPUT_KEYS, Reconstructor
 from lsm_ros.preprocess import ImageCrop, preprocess_pair
 from lsm_ros.reference_weights import find_reference_dir
 from lsm_ros.rendering import render_gaussians
+from lsm_ros.semantics import DEFAULT_LABELS
 from lsm_ros.shared_data import shared_directory
 
 _log = logging.getLogger(__name__)
@@ -60,12 +64,20 @@ STAGES: tuple[tuple[str, str], ...] = (
     ('merge', 'merge (merge_points)'),
     ('ptv3', 'PTv3 (serialization, sparse conv, attention)'),
     ('gaussian_head', 'Gaussian head (incl. kNN)'),
-    ('cameras', 'camera recovery (to host, focal + PnP)'),
+    ('cameras', 'camera recovery (focal + relative pose, results to the host)'),
     ('render', 'render (256x256 novel view, rgb+depth+features)'),
 )
 STAGE_KEYS = tuple(key for key, _ in STAGES)
 RECONSTRUCTION_STAGES = tuple(key for key in STAGE_KEYS if key != 'render')  # pair -> Gaussians + cameras
 RENDER_SIZE = (256, 256)
+QUERY_PHRASES = DEFAULT_LABELS     # the query timed: LSM's eight labels (text features cached after the first pair)
+# Figures of the real pipeline per pair, timed after the composed pass (device synchronised around each):
+PIPELINE_FIGURES: tuple[tuple[str, str], ...] = (
+    ('reconstruct', 'Reconstructor.reconstruct (pair → Gaussians + cameras, products on the host)'),
+    ('query', f'Reconstructor.query ({len(QUERY_PHRASES)} phrases, both views + every Gaussian)'),
+    ('render_view', 'Reconstructor.render (256x256 novel view, rgb+depth+features, to the host)'),
+)
+PIPELINE_KEYS = tuple(key for key, _ in PIPELINE_FIGURES)
 DEFAULT_SIZES = ('224', '256', '512x384')
 IMAGE_SOURCES = ('auto', 'reference', 'demo', 'synthetic')
 CROP_MULTIPLE_512 = 32             # the LSM demo crops 512-resolution images to multiples of 32
@@ -331,7 +343,11 @@ class ComposedPair:
 def novel_view(K_1: np.ndarray, K_2: np.ndarray, T_1_2: np.ndarray, size: ModelSize
                ) -> tuple[np.ndarray, np.ndarray]:
     """(T_left_camera, K at RENDER_SIZE) of the view halfway between the two cameras (slerp, mean intrinsics);
-    view 1's pose when the relative pose failed (``T_1_2`` is then the identity)."""
+    view 1's pose when the relative pose failed (``T_1_2`` is then the identity; a non-finite ``K_2`` is then
+    replaced by ``K_1``)."""
+    K_2 = np.asarray(K_2, dtype=np.float64)
+    if not np.isfinite(K_2).all():
+        K_2 = K_1
     path = camera_path(T_1_2, K_1, K_2, 3, 'one_way')
     resize = ImageCrop(input_size=(size.width, size.height), resized_size=RENDER_SIZE, crop_box=(0, 0, *RENDER_SIZE))
     return path.poses[1], resize.intrinsics_to_model(path.intrinsics[1])
@@ -363,22 +379,22 @@ def compose_reconstruction(reconstructor: Reconstructor, left: np.ndarray, right
         with timer.stage('merge'):
             coord, color, center, scale = merge_points(geometry['pts3d_1'][0], geometry['pts3d_2'][0], img1[0],
                                                        img2[0])
-        with timer.stage('ptv3'):
+        with timer.stage('ptv3'), fp32_matmul(cfg.precision, device):   # as LargeSpatialModel.gaussians
             tokens = semantics['lseg_token_feature']
             point_features = model.point_transformer(coord, torch.cat([coord, color], dim=1), geometry['enc_feat'],
                                                      tokens, tokens)
-        with timer.stage('gaussian_head'):
+        with timer.stage('gaussian_head'), fp32_matmul(cfg.precision, device):
             means = coord * scale[0] + center[0]
             residual = semantics['lseg_res_feature']          # (2, C, H, W): view 1, view 2 of the one sample
             residual = residual.permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
             gaussians = model.gaussian_head(point_features, means, color, residual, knn_mean_squared_distance(means))
-        with timer.stage('cameras'):
-            raw = {key: geometry[key].detach().float().cpu().numpy() for key in NETWORK_OUTPUT_KEYS}
-            K_1 = estimate_intrinsics(raw['pts3d_1'][0].astype(np.float64))
-            pose = cameras.estimate_relative_pose(
-                raw['pts3d_2'][0].astype(np.float64), raw['conf_2'][0], None,
+        with timer.stage('cameras'):      # as Reconstructor.reconstruct without calibration: on the device
+            K_1_tensor, _ = cameras.intrinsics_from_points(geometry['pts3d_1'][0], *FOCAL_BOUNDS)
+            pose = cameras.relative_pose(
+                geometry['pts3d_2'][0], geometry['conf_2'][0], None,
                 reprojection_error_px=cfg.pose_reprojection_error_px, iterations=cfg.pose_ransac_iterations,
-                max_points=cfg.pose_max_points)
+                max_points=cfg.pose_max_points).to_numpy()
+            K_1 = K_1_tensor.cpu().numpy()
         render_pose, render_K = novel_view(K_1, pose.K_2, pose.T_1_2, size)
         with timer.stage('render'):
             rendered = render_gaussians(
@@ -443,6 +459,25 @@ def check_composition(reconstructor: Reconstructor, left: np.ndarray, right: np.
     return dict(max_relative_difference=differences, identical=identical)
 
 
+def time_pipeline(reconstructor: Reconstructor, left: np.ndarray, right: np.ndarray, composed: ComposedPair
+                  ) -> dict[str, float]:
+    """Seconds of the real pipeline on one pair (PIPELINE_FIGURES): :meth:`Reconstructor.reconstruct` (with its
+    streams and graphs when configured), :meth:`Reconstructor.query` of QUERY_PHRASES on its result and
+    :meth:`Reconstructor.render` of the composed pass's novel view at RENDER_SIZE (rgb, depth, features), each from
+    a synchronised device to its products on the host."""
+    seconds: dict[str, float] = {}
+    timer = StageTimer(reconstructor.device)
+    with timer.stage('reconstruct'):
+        result = reconstructor.reconstruct(left, right)
+    with timer.stage('query'):
+        reconstructor.query(result, QUERY_PHRASES)
+    with timer.stage('render_view'):
+        reconstructor.render(result, composed.render_pose, composed.render_K, RENDER_SIZE,
+                             ('rgb', 'depth', 'alpha', 'features'))
+    seconds.update(timer.seconds)
+    return seconds
+
+
 # ---------------------------------------------------------------------------------------------- stage mode
 @dataclass
 class SizeResult:
@@ -451,6 +486,7 @@ class SizeResult:
     size: ModelSize
     samples_s: dict[str, list[float]] = field(default_factory=dict)   # stage -> per-pair seconds
     pair_wall_s: list[float] = field(default_factory=list)           # whole pass incl. render, per pair
+    pipeline_s: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in PIPELINE_KEYS})
     pose_found: list[bool] = field(default_factory=list)             # PnP succeeded (else the render is view 1)
     render_coverage: list[float] = field(default_factory=list)       # rendered pixels: alpha >= DEPTH_MIN_ALPHA
     peak_memory_bytes: int = 0
@@ -459,14 +495,18 @@ class SizeResult:
     pair_other_cores: list[float] = field(default_factory=list)      # during each kept timed pair
     discarded_pairs: int = 0                                         # timed pairs repeated: machine busy
 
-    def add(self, composed: ComposedPair, wall_s: float, other_cores: float) -> None:
-        """Record one timed pass (its model input must have this size)."""
+    def add(self, composed: ComposedPair, wall_s: float, other_cores: float,
+            pipeline_s: Mapping[str, float] | None = None) -> None:
+        """Record one timed pass (its model input must have this size) and the pipeline's figures of the pair
+        (:func:`time_pipeline`)."""
         width, height = composed.img1.shape[-1], composed.img1.shape[-2]
         if (width, height) != (self.size.width, self.size.height):
             raise RuntimeError(f'the pair gave a {width}x{height} model input, not {self.size}')
         for key in STAGE_KEYS:
             self.samples_s[key].append(composed.seconds[key])
         self.pair_wall_s.append(wall_s)
+        for key, value in (pipeline_s or {}).items():
+            self.pipeline_s[key].append(value)
         self.pair_other_cores.append(other_cores)
         self.pose_found.append(bool(composed.pose.success))
         self.render_coverage.append(float((composed.rendered.alpha >= DEPTH_MIN_ALPHA).float().mean()))
@@ -481,6 +521,8 @@ class SizeResult:
                     pairs=len(self.pair_wall_s),
                     stages_ms={key: summarise_ms(self.samples_s[key]) for key in STAGE_KEYS},
                     reconstruction_ms=summarise_ms(reconstruction), total_ms=summarise_ms(self.pair_wall_s),
+                    pipeline_ms={key: summarise_ms(values) for key, values in self.pipeline_s.items() if values},
+                    pipeline_samples_ms={key: [1e3 * s for s in values] for key, values in self.pipeline_s.items()},
                     pairs_per_s=len(reconstruction) / sum(reconstruction),
                     pose_found_fraction=float(np.mean(self.pose_found)),
                     render_coverage_median=float(np.median(self.render_coverage)),
@@ -491,9 +533,12 @@ class SizeResult:
 
 
 def run_stage_bench(reconstructor: Reconstructor, sizes: Sequence[ModelSize], *, pairs: int, warmup: int,
-                    images: Sequence[ImagePair], max_other_cores: float | None = None) -> dict[str, Any]:
+                    images: Sequence[ImagePair], max_other_cores: float | None = None,
+                    timed_pipeline: bool = True) -> dict[str, Any]:
     """Time ``warmup`` + ``pairs`` composed passes at every size (image pairs cycled); the first size's first
     warm-up pair (or its first timed pair without warm-up) is also checked against the Reconstructor.
+    ``timed_pipeline``: after each composed pass also time the real pipeline on the pair (:func:`time_pipeline`:
+    reconstruct, a query of QUERY_PHRASES, a render), warm-up pairs included (they capture the CUDA graphs).
 
     ``max_other_cores`` (a shared machine): a timed pair during which other processes kept more cores busy on
     average is discarded (counted) and, after a quiet moment (:func:`wait_for_quiet`), measured again.
@@ -525,10 +570,11 @@ def run_stage_bench(reconstructor: Reconstructor, sizes: Sequence[ModelSize], *,
                     start = time.perf_counter()
                     composed = compose_reconstruction(reconstructor, left, right, size)
                     wall_s = time.perf_counter() - start
-                    other_cores = pair_cpu.other_processes_cores()
                     if check is None:
                         check = dict(size=str(size), pair=pair.name,
                                      **check_composition(reconstructor, left, right, composed))
+                    pipeline_s = time_pipeline(reconstructor, left, right, composed) if timed_pipeline else None
+                    other_cores = pair_cpu.other_processes_cores()
                     if step >= warmup and max_other_cores is not None and other_cores > max_other_cores:
                         result.discarded_pairs += 1
                         _log.warning('other processes kept %.2f cores busy during that pair: measuring it again '
@@ -536,7 +582,7 @@ def run_stage_bench(reconstructor: Reconstructor, sizes: Sequence[ModelSize], *,
                         wait_for_quiet(max_other_cores)
                         continue
                     if step >= warmup:
-                        result.add(composed, wall_s, other_cores)
+                        result.add(composed, wall_s, other_cores, pipeline_s)
                     step += 1
                     progress.update()
             result.peak_memory_bytes = peak_memory_bytes(device)
@@ -563,6 +609,10 @@ def format_stage_table(report: Mapping[str, Any]) -> str:
     rows.append(timing_row('**pair → Gaussians + cameras** (all but render)',
                            [s['reconstruction_ms'] for s in sizes]))
     rows.append(timing_row('**total** (all stages, wall)', [s['total_ms'] for s in sizes]))
+    for key, title in PIPELINE_FIGURES:
+        if all(key in s.get('pipeline_ms', {}) for s in sizes):
+            rows.append(timing_row(f'**{title}**' if key == 'reconstruct' else title,
+                                   [s['pipeline_ms'][key] for s in sizes]))
     rows.append('| pairs/s (pair → Gaussians + cameras) | ' + ' | '.join(f'{s["pairs_per_s"]:.3f} | ' for s in sizes)
                 + ' |')
     memory = report['memory_kind']
@@ -719,7 +769,8 @@ class _ProductTimes:
                  lsm.RELATIVE_POSE_TOPIC: PoseStamped, lsm.INFO_TOPIC: ReconstructionInfo,
                  lsm.SEMANTIC_LABELS_TOPIC: Image, lsm.SEMANTIC_OVERLAY_TOPIC: Image}
         self.node = Node('lsm_bench_product_collector', context=context)
-        self.topics = dict(topics)
+        # per-pair products only (the latched ~/semantic/label_info is published once, not per pair)
+        self.topics = {key: topic for key, topic in topics.items() if key in types}
         self._arrivals: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -774,11 +825,14 @@ def format_ros_table(report: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- building
 def build_bench_reconstructor(*, quick: bool, device: str, precision: str,
-                              checkpoints: Mapping[str, str] | None = None) -> Reconstructor:
+                              checkpoints: Mapping[str, str] | None = None, cuda_graphs: bool = False,
+                              cuda_streams: bool = False) -> Reconstructor:
     """The reconstructor of a bench run: the tiny random LSM (``quick``), the official files when given, else
-    the full-size LSM with the reference weights, or seeded random weights when the reference folder is absent."""
+    the full-size LSM with the reference weights, or seeded random weights when the reference folder is absent.
+    ``cuda_graphs`` / ``cuda_streams``: the PipelineConfig options (CUDA only)."""
     from lsm_ros.model.lsm import LsmConfig
-    overrides: dict[str, Any] = dict(device=device, precision=precision)
+    overrides: dict[str, Any] = dict(device=device, precision=precision, cuda_graphs=cuda_graphs,
+                                     cuda_streams=cuda_streams)
     if quick:
         return Reconstructor.from_config(LsmConfig.tiny(), **overrides)
     if checkpoints and any(checkpoints.values()):
@@ -816,11 +870,14 @@ def run_bench_command(args: Any) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise _bench_error(f'--device: {exc}') from None
-    precision = args.precision or PipelineConfig().precision
-    try:
-        check_precision(precision, device)
-    except ValueError as exc:
-        raise _bench_error(f'--precision: {exc}') from None
+    precisions = list(dict.fromkeys(_as_list(args.precision) or [PipelineConfig().precision]))
+    for precision in precisions:
+        try:
+            check_precision(precision, device)
+        except ValueError as exc:
+            raise _bench_error(f'--precision: {exc}') from None
+    if args.ros and len(precisions) != 1:
+        raise _bench_error(f'--ros runs one precision, got {" ".join(precisions)}')
     if args.quick and (args.lsm_checkpoint or args.dust3r_checkpoint or args.lseg_checkpoint):
         raise _bench_error('--quick runs the tiny random model: leave out the checkpoint files')
     if args.threads is not None:
@@ -833,15 +890,17 @@ def run_bench_command(args: Any) -> int:
             raise _bench_error(str(exc)) from None
 
     reconstructor = build_bench_reconstructor(
-        quick=args.quick, device=str(device), precision=precision,
-        checkpoints=dict(lsm=args.lsm_checkpoint, dust3r=args.dust3r_checkpoint, lseg=args.lseg_checkpoint))
+        quick=args.quick, device=str(device), precision=precisions[0],
+        checkpoints=dict(lsm=args.lsm_checkpoint, dust3r=args.dust3r_checkpoint, lseg=args.lseg_checkpoint),
+        cuda_graphs=bool(getattr(args, 'cuda_graphs', False)), cuda_streams=bool(getattr(args, 'cuda_streams', False)))
     if not reconstructor.semantic:
         raise _bench_error(f'{reconstructor.weights} is the geometry-only network: the bench needs the full LSM '
                            '(pass --lsm-checkpoint checkpoint-final.pth)')
     report: dict[str, Any] = dict(
         mode='ros' if args.ros else 'stages', model='tiny (LsmConfig.tiny(), random weights)' if args.quick else
         'full size', weights=reconstructor.weights, trained_weights=reconstructor.trained_weights,
-        precision=precision, network_precisions=dict(reconstructor.precisions), threads=torch.get_num_threads(),
+        precision=precisions[0], network_precisions=dict(reconstructor.precisions), threads=torch.get_num_threads(),
+        cuda_graphs=reconstructor.config.cuda_graphs, cuda_streams=reconstructor.config.cuda_streams,
         machine=machine_description(device))
     if args.ros:
         reconstructor.config = replace(reconstructor.config, resolution=sizes[0].resolution)
@@ -852,9 +911,16 @@ def run_bench_command(args: Any) -> int:
     else:
         report.update(images=image_source, image_pairs=[pair.name for pair in images], warmup=args.warmup,
                       pairs=args.pairs)
-        report.update(run_stage_bench(reconstructor, sizes, pairs=args.pairs, warmup=args.warmup, images=images,
-                                      max_other_cores=args.max_other_cores))
-        table = format_stage_table(report)
+        runs = []
+        for precision in precisions:          # one model, its precision switched (set_precision) between runs
+            reconstructor.set_precision(precision)
+            run = dict(precision=precision, network_precisions=dict(reconstructor.precisions))
+            run.update(run_stage_bench(reconstructor, sizes, pairs=args.pairs, warmup=args.warmup, images=images,
+                                       max_other_cores=args.max_other_cores))
+            runs.append(run)
+        report.update(runs[0])                # the first precision's figures at the top level, every one in runs
+        report['runs'] = runs
+        table = '\n\n'.join(f'{format_run_heading(run)}\n\n{format_stage_table(run)}' for run in runs)
     report['machine']['load_average_after'] = [round(v, 2) for v in os.getloadavg()]
     print(format_heading(report))
     print()
@@ -865,24 +931,42 @@ def run_bench_command(args: Any) -> int:
     return 0
 
 
+def _as_list(value: Any) -> list[Any]:
+    """An option that may be given once or several times as a list (None: empty)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def format_run_heading(run: Mapping[str, Any]) -> str:
+    """The lines above one precision's stage table: its precisions and the composition check."""
+    check = run['composition_check']
+    return (f'**precision {run["precision"]}** ('
+            + ', '.join(f'{network} {value}' for network, value in run['network_precisions'].items()) + ')  \n'
+            f'composed stages == Reconstructor.reconstruct/render at {check["size"]}: '
+            + ('bit-identical' if check['identical'] else 'max relative difference '
+               f'{max(check["max_relative_difference"].values()):.2g}'))
+
+
 def format_heading(report: Mapping[str, Any]) -> str:
     """Markdown lines saying what was measured, on what."""
     machine = report['machine']
+    runs = report.get('runs') or [report]
     lines = [f'**lsm-ros bench ({report["mode"]})**: {report["model"]} LSM, weights {report["weights"]}'
-             f'{"" if report["trained_weights"] else " (UNTRAINED)"}; precision {report["precision"]} ('
-             + ', '.join(f'{network} {value}' for network, value in report['network_precisions'].items()) + ')',
+             f'{"" if report["trained_weights"] else " (UNTRAINED)"}; precision '
+             + '; '.join(f'{run["precision"]} (' + ', '.join(f'{network} {value}' for network, value
+                                                          in run['network_precisions'].items()) + ')'
+                         for run in runs),
              f'machine: {machine["cpu"]} ({" ".join(machine["cpu_flags"]) or "no AVX2, AVX-512 or AMX"}), '
              f'{machine["cpu_cores"]} cores, torch {machine["torch"]}, {report["threads"]} threads, device '
              f'{machine["device"]}'
              f'{" (" + machine["accelerator"] + ")" if machine["accelerator"] else ""}, load average '
              f'{machine["load_average"][0]} before / {machine["load_average_after"][0]} after']
     if report['mode'] == 'stages':
-        check = report['composition_check']
         lines.append(f'images: {report["images"]} ({len(report["image_pairs"])} pair(s), cycled); '
-                     f'{report["warmup"]} warm-up + {report["pairs"]} timed pairs per size')
-        lines.append(f'composed stages == Reconstructor.reconstruct/render at {check["size"]}: '
-                     + ('bit-identical' if check['identical'] else 'max relative difference '
-                        f'{max(check["max_relative_difference"].values()):.2g}'))
+                     f'{report["warmup"]} warm-up + {report["pairs"]} timed pairs per size; CUDA graphs '
+                     f'{"on" if report.get("cuda_graphs") else "off"}, CUDA streams '
+                     f'{"on" if report.get("cuda_streams") else "off"} (CUDA only)')
     else:
         lines.append(f'model size {report["size"]}; ROS isolation: '
                      + ', '.join(f'{k}={v}' for k, v in report['ros']['ros_environment'].items()))

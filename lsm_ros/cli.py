@@ -1,7 +1,7 @@
 """The ``lsm-ros`` command.
 
     lsm-ros reconstruct LEFT RIGHT --out DIR [--dust3r-checkpoint F] [--lsm-checkpoint F] [--lseg-checkpoint F]
-                                             [--device auto|cpu|cuda] [--resolution 224|256|512]
+                                             [--device auto|cpu|cuda] [--resolution 224|256|512] [--precision P]
                                              [--intrinsics fx,fy,cx,cy | FILE] [--baseline METRES]
                                              [--query PHRASE ...] [--threshold P]   # semantic model only
     lsm-ros render RECONSTRUCTION --out DIR [--frames 60] [--fps 30] [--path there_and_back|one_way]
@@ -9,7 +9,7 @@
                                             [--size W H] [--device auto]   # novel views along a camera path
     lsm-ros demo [--out DIR] [--bag PATH] [--max-pairs N]    # the node on a stereo bag, products to DIR
     lsm-ros bench [--quick] [--resolutions 224 256 512x384] [--pairs N] [--warmup N] [--device D] [--threads N]
-                  [--precision P] [--json PATH]                    # per-stage times, pairs/s, peak memory
+                  [--precision P ...] [--cuda-graphs] [--cuda-streams] [--json PATH]   # stage times, memory
     lsm-ros bench --ros [--rate 30] [--duration S] ...             # lsm_node on loopback: latency, drops
     lsm-ros weights fetch [--dir DIR] [--only dust3r|lseg|lsm ...] [--timeout S] [--base-url URL] [--force]
     lsm-ros weights check [--dir DIR] [--only ...] [--no-hash]     # present, size, SHA-256, loads (exit 1 on failure)
@@ -46,7 +46,7 @@ _NPZ_REQUIRED_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2', 'K_1', 'K_2', 'T
 def add_weights_arguments(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
     """Checkpoint and device options shared by the sub-commands; with ``inference`` also the resolution and
     confidence options of a reconstruction (``render`` works on a saved one: it keeps their defaults)."""
-    from lsm_ros.config import RESOLUTIONS, PipelineConfig
+    from lsm_ros.config import PRECISIONS, RESOLUTIONS, PipelineConfig
     group = parser.add_argument_group('model')
     group.add_argument('--dust3r-checkpoint', metavar='FILE', default='',
                        help='official DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (or its .safetensors conversion)')
@@ -60,9 +60,13 @@ def add_weights_arguments(parser: argparse.ArgumentParser, *, inference: bool = 
     group.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
     if not inference:
         defaults = PipelineConfig()
-        parser.set_defaults(resolution=defaults.resolution, min_confidence=defaults.min_confidence)
+        parser.set_defaults(resolution=defaults.resolution, min_confidence=defaults.min_confidence,
+                            precision=defaults.precision)
         return
     group.add_argument('--resolution', type=int, default=256, choices=RESOLUTIONS, help='model resolution')
+    group.add_argument('--precision', default=PipelineConfig().precision, choices=PRECISIONS,
+                       help='arithmetic of the dense networks (PipelineConfig.precision): fp32 exact (default), bf16 '
+                            '(LSeg in bfloat16; CUDA or a CPU with bfloat16 support), fp16 (CUDA only)')
     group.add_argument('--min-confidence', type=float, default=1.0,
                        help='drop points/depth with DUSt3R confidence below this (>= 1; default keeps all)')
 
@@ -84,7 +88,18 @@ def build_reconstructor(args: argparse.Namespace, *, allow_untrained: bool):
 
     config = PipelineConfig(dust3r_checkpoint=args.dust3r_checkpoint, lseg_checkpoint=args.lseg_checkpoint,
                             lsm_checkpoint=args.lsm_checkpoint, device=args.device, resolution=args.resolution,
-                            min_confidence=args.min_confidence)
+                            min_confidence=args.min_confidence,
+                            precision=getattr(args, 'precision', PipelineConfig().precision))
+    from lsm_ros.model.layers import check_precision
+    from lsm_ros.pipeline import resolve_device
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise SystemExit(f'lsm-ros: --device: {exc}') from None
+    try:
+        check_precision(config.precision, device)
+    except ValueError as exc:
+        raise SystemExit(f'lsm-ros: --precision: {exc}') from None
     if args.dust3r_checkpoint or args.lsm_checkpoint:
         return Reconstructor.from_checkpoints(config=config)
     installed = {} if args.reference_weights else installed_checkpoints()
@@ -190,7 +205,7 @@ def save_reconstruction(rec, out_dir: Path) -> dict[str, Path]:
     cameras = {
         'frame': 'left camera optical frame (REP 103: x right, y down, z forward)',
         'units': units, 'metric_scale': rec.metric_scale, 'scale_factor': rec.scale_factor,
-        'scale_source': rec.scale_source, 'intrinsics_source': rec.intrinsics_source,
+        'scale_source': rec.scale_source, 'intrinsics_source': rec.intrinsics_source, 'pose_source': rec.pose_source,
         'width': rec.size[0], 'height': rec.size[1],
         'K_left': rec.K_1, 'K_right': rec.K_2,
         'K_left_input': rec.crop_1.intrinsics_to_input(rec.K_1), 'K_right_input': rec.crop_2.intrinsics_to_input(rec.K_2),
@@ -275,6 +290,7 @@ def load_reconstruction(path: str | Path):
         crop_1=identity_crop, crop_2=identity_crop, metric_scale=metric_scale, scale_factor=scale,
         scale_source=cameras.get('scale_source', 'stereo_baseline' if metric_scale else 'none'),
         intrinsics_source=cameras.get('intrinsics_source', 'unknown'), pose=pose,
+        pose_source=cameras.get('pose_source', 'pnp'),
         network_outputs={key: arrays[key] for key in NETWORK_OUTPUT_KEYS},
         weights=cameras.get('weights', UNKNOWN_WEIGHTS), trained_weights=bool(cameras.get('trained_weights', True)),
         timings_s=cameras.get('timings_s', {}),
@@ -793,8 +809,14 @@ def build_parser() -> argparse.ArgumentParser:
                             'parity reference pair), demo (shared/data/lsm_demo_pairs), synthetic (ray-cast room); '
                             'cropped and resized to each size')
     bench.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
-    bench.add_argument('--precision', default=None, choices=PRECISIONS,
-                       help="the pipeline's precision (PipelineConfig.precision; default fp32, exact)")
+    bench.add_argument('--precision', nargs='+', default=None, choices=PRECISIONS, metavar='P',
+                       help="the pipeline's precision (PipelineConfig.precision): one or more of "
+                            f"{', '.join(PRECISIONS)}, each measured in turn on the same model, one table each "
+                            '(default fp32, exact)')
+    bench.add_argument('--cuda-graphs', action='store_true',
+                       help='PipelineConfig.cuda_graphs: replay DUSt3R and LSeg from CUDA graphs (CUDA only)')
+    bench.add_argument('--cuda-streams', action='store_true',
+                       help='PipelineConfig.cuda_streams: LSeg beside DUSt3R, PTv3 beside the cameras (CUDA only)')
     bench.add_argument('--threads', type=positive_int, default=None,
                        help='torch CPU threads (default: torch\'s own choice)')
     bench.add_argument('--rate', type=positive_float, default=30.0, help='--ros: pairs published per second '

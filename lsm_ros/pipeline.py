@@ -2,9 +2,10 @@
 
 One feed-forward pass of the Large Spatial Model gives both point maps in view 1's frame, the semantic
 Gaussians (one per pixel of both views) and, on request, language-queried labels; the cameras come from the
-same pass (focal by Weiszfeld, relative pose by PnP-RANSAC), or from given intrinsics; a calibrated stereo
-baseline makes the result metric. All 3-D quantities are in the left (view 1) camera's optical frame (REP 103:
-x right, y down, z forward).
+same pass (focal by Weiszfeld, relative pose by a RANSAC of batched PnP hypotheses, all in torch on the
+device), or from given intrinsics; a calibrated stereo baseline makes the result metric (a rectified rig: pose
+from the calibration, scale from a dense robust fit of the point maps against the baseline). All 3-D quantities
+are in the left (view 1) camera's optical frame (REP 103: x right, y down, z forward).
 
     from lsm_ros.pipeline import Reconstructor
     rec = Reconstructor.from_checkpoints(lsm='checkpoint-final.pth', dust3r='DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth',
@@ -13,15 +14,24 @@ x right, y down, z forward).
     result.depth_1, result.K_1, result.T_1_2, result.points()     # numpy
     result.gaussians.means, result.gaussians.features             # (2HW, 3), (2HW, 64)
     labels = rec.query(result, ['chair', 'table']).labels         # (2, H, W) phrase index per pixel
+
+On CUDA a pair stays on the device from the networks to its products, which are copied to the host once at the
+end; the Gaussians' device tensors are kept for query/render (the last DEVICE_CACHE_ENTRIES reconstructions,
+dropped by ``offload``). ``precision`` picks each network's arithmetic per device (:func:`network_precisions`;
+reduced networks keep their weights reduced on CUDA); ``cuda_graphs`` and ``cuda_streams`` (PipelineConfig, CUDA
+only, no-ops on the CPU) replay DUSt3R/LSeg from CUDA graphs and overlap LSeg with DUSt3R and PTv3 with the cameras.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +39,7 @@ import torch
 from lsm_ros import cameras
 from lsm_ros.config import PipelineConfig
 from lsm_ros.model import Dust3rConfig, Dust3rNet, load_dust3r_checkpoint
+from lsm_ros.model.capture import GraphCache
 from lsm_ros.model.checkpoint import CheckpointError
 from lsm_ros.model.layers import check_precision
 from lsm_ros.model.lseg import LSEG_LOGIT_SCALE
@@ -42,13 +53,50 @@ _log = logging.getLogger(__name__)
 NETWORK_OUTPUT_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2', 'conf_2')
 # Estimated focals are clipped to this range, in units of the focal of a 60-degree field of view.
 FOCAL_BOUNDS = (0.1, 10.0)
-# The precision each dense network runs in, per PipelineConfig.precision. Measured on the reference pair against
-# fp32: DUSt3R in bf16 moves the ray depth of 18 % (view 1) and 34 % (view 2) of the pixels by more than 1 %, so it
-# stays fp32 there; LSeg in bf16 (feature cosine >= 0.9999, labels agree on >= 99 %) and both networks in fp16
-# (emulated on the CPU: depth within 1 % on all but a few pixels, at most 1.2 %) run reduced.
+# The precision each dense network runs in, per PipelineConfig.precision, on the CPU. MEASURED ON THE CPU, on the
+# reference pair against fp32: DUSt3R in bf16 moves the ray depth of 18 % (view 1) and 34 % (view 2) of the pixels
+# by more than 1 %, so it stays fp32 there; LSeg in bf16 (feature cosine >= 0.9999, labels agree on >= 99 %) and
+# both networks in fp16 (emulated on the CPU: depth within 1 % on all but a few pixels, at most 1.2 %) run reduced.
 NETWORK_PRECISIONS = {'fp32': {'dust3r': 'fp32', 'lseg': 'fp32'},
                       'bf16': {'dust3r': 'fp32', 'lseg': 'bf16'},
                       'fp16': {'dust3r': 'fp16', 'lseg': 'fp16'}}
+# The same choice on CUDA. NOT MEASURED ON A GPU YET: it repeats the CPU measurement until the GPU check
+# (scripts/gpu_check.sh; bounds: depth within 1 % of fp32 on >= 99 % of the pixels, labels >= 98 % in agreement)
+# decides per network; edit this table with its figures.
+CUDA_NETWORK_PRECISIONS = {precision: dict(parts) for precision, parts in NETWORK_PRECISIONS.items()}
+# Where a network runs reduced on CUDA, its matrix-product and convolution weights are stored in this dtype.
+STORED_WEIGHT_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+# Modules whose weights autocast casts anyway (so storing them reduced changes no result); norms stay float32.
+_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                 torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+DEVICE_CACHE_ENTRIES = 2   # Gaussian clouds whose device tensors are kept (the latest and the one being served)
+
+
+def store_weights(module: torch.nn.Module, dtype: torch.dtype | None, masters: dict[str, torch.Tensor],
+                  prefix: str = '') -> None:
+    """Store the weights and biases of ``module``'s linear and convolution layers in ``dtype`` (their float32
+    values saved in ``masters``, on the host, under ``prefix.<module>.<name>``), or with ``dtype`` None give back
+    the float32 values saved there (exactly). Norms, embeddings and other parameters keep their dtype. Under an
+    autocast of the same dtype the layers compute what they computed from float32 weights."""
+    for module_name, submodule in module.named_modules():
+        if not isinstance(submodule, _CAST_MODULES):
+            continue
+        for param_name, param in submodule.named_parameters(recurse=False):
+            key = f'{prefix}.{module_name}.{param_name}'
+            if dtype is not None and param.dtype != dtype:
+                master = masters.setdefault(key, param.detach().to('cpu', copy=True))
+                param.data = master.to(device=param.device, dtype=dtype)   # from float32, also bf16 <-> fp16
+            elif dtype is None and key in masters:
+                param.data = masters.pop(key).to(param.device)
+
+
+def network_precisions(precision: str, device: torch.device | str) -> dict[str, str]:
+    """{'dust3r': ..., 'lseg': ...}: the precision each dense network runs in for ``precision`` on ``device``
+    (:data:`NETWORK_PRECISIONS` on the CPU, :data:`CUDA_NETWORK_PRECISIONS` on CUDA)."""
+    table = CUDA_NETWORK_PRECISIONS if torch.device(device).type == 'cuda' else NETWORK_PRECISIONS
+    if precision not in table:
+        raise ValueError(f'unknown precision {precision!r}: choose among {list(table)}')
+    return dict(table[precision])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,12 +119,17 @@ class CameraCalibration:
     ``K_left``/``K_right``: 3x3 pinhole matrices of the *input* images (e.g. CameraInfo.k, or .p[:3,:3] of a
     rectified stereo pair). ``baseline_m``: metres between the two optical centres of a calibrated stereo rig
     (CameraInfo right ``P[0,3] = -fx*B``); when given, the reconstruction is scaled to metres.
+    ``rectified_stereo``: the pair is a calibrated, rectified stereo rig (the right camera at ``(baseline_m, 0, 0)``
+    in the left frame, R = I; see :func:`lsm_ros.cameras.is_rectified_stereo_rig`): the relative pose then comes
+    from the calibration and the metric scale from a dense fit of the point map against the baseline
+    (:func:`lsm_ros.cameras.stereo_rig_scale`), not from PnP. Needs ``K_right`` and ``baseline_m``.
     """
 
     K_left: np.ndarray | None = None
     K_right: np.ndarray | None = None
     baseline_m: float | None = None
     source: str = 'given'
+    rectified_stereo: bool = False
 
     def __post_init__(self) -> None:
         for name in ('K_left', 'K_right'):
@@ -86,6 +139,8 @@ class CameraCalibration:
             object.__setattr__(self, name, checked_pinhole_matrix(K, name))
         if self.baseline_m is not None and not (np.isfinite(self.baseline_m) and self.baseline_m > 0):
             raise ValueError(f'baseline_m must be a positive finite number of metres, got {self.baseline_m!r}')
+        if self.rectified_stereo and (self.baseline_m is None or self.K_right is None):
+            raise ValueError('rectified_stereo needs baseline_m and K_right (the rig\'s calibration)')
 
 
 def checked_pinhole_matrix(K: Any, name: str) -> np.ndarray:
@@ -144,7 +199,7 @@ class Reconstruction:
     crop_2: ImageCrop
     metric_scale: bool
     scale_factor: float
-    scale_source: str              # 'stereo_baseline' or 'none'
+    scale_source: str              # 'stereo_rig' (dense fit, rectified rig), 'stereo_baseline' (PnP |t|) or 'none'
     intrinsics_source: str         # 'camera_info', 'given' or 'estimated'
     pose: cameras.RelativePose
     network_outputs: dict[str, np.ndarray]   # raw, unscaled: pts3d_1, conf_1, pts3d_2, conf_2 (batch axis 1)
@@ -153,6 +208,7 @@ class Reconstruction:
     timings_s: dict[str, float] = field(default_factory=dict)
     min_confidence: float = 1.0
     gaussians: GaussianCloud | None = None   # the semantic Gaussians (full LSM only), same frame and scale
+    pose_source: str = 'pnp'       # 'stereo_calibration' (rectified rig) or 'pnp' (estimated from the point map)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -235,19 +291,51 @@ class Reconstructor:
         self.config = config
         self.device = torch.device(device)
         check_precision(config.precision, self.device)
-        self.precisions = NETWORK_PRECISIONS[config.precision]
-        self.network = network.to(self.device).eval()
+        self.network = network.to(self.device).eval().requires_grad_(False)   # inference only
         self.weights = weights
         self.trained_weights = trained_weights
         self._render_lock = threading.Lock()
-        self._render_cache: tuple[GaussianCloud, dict[str, torch.Tensor]] | None = None
+        # id(cloud) -> (weak reference to the cloud, its tensors on the device), least recently used first
+        self._device_cache: OrderedDict[int, tuple[weakref.ref, dict[str, torch.Tensor]]] = OrderedDict()
         self._offloaded = False
+        self._fp32_weights: dict[str, torch.Tensor] = {}   # host masters of weights stored reduced (set_precision)
+        cuda = self.device.type == 'cuda'
+        self._graphs = GraphCache(bool(config.cuda_graphs) and cuda)
+        self._semantic_stream = torch.cuda.Stream(self.device) if config.cuda_streams and cuda else None
+        if (config.cuda_graphs or config.cuda_streams) and not cuda:
+            _log.info('cuda_graphs/cuda_streams apply on CUDA only: running eagerly on one stream on %s', self.device)
         if not trained_weights:
             _log.warning('UNTRAINED WEIGHTS (%s): outputs are not a real reconstruction. Pass the official '
                          'checkpoints for real results.', weights)
-        if config.precision != 'fp32':
-            _log.info('precision %s: DUSt3R in %s, LSeg in %s (approximate; precision=fp32 is exact)',
-                      config.precision, self.precisions['dust3r'], self.precisions['lseg'])
+        self.precisions: dict[str, str] = {}
+        self.set_precision(config.precision)
+
+    # ------------------------------------------------------------------------------------------ precision
+    def set_precision(self, precision: str) -> None:
+        """Run the dense networks in ``precision`` from now on (PipelineConfig.precision; the node reads it once,
+        the bench switches between its runs). On CUDA a network that runs reduced (:data:`CUDA_NETWORK_PRECISIONS`)
+        has its matrix-product and convolution weights stored in that dtype (autocast would cast them on every
+        pass; the result is the same), their float32 values kept on the host so that a switch back restores them
+        exactly. On the CPU the weights stay float32 (autocast casts them, as before)."""
+        check_precision(precision, self.device)
+        self._require_loaded()
+        precisions = network_precisions(precision, self.device)
+        self._graphs.clear()                                 # graphs hold the weights' addresses and dtypes
+        for name, module in self._precision_modules().items():
+            dtype = STORED_WEIGHT_DTYPES.get(precisions[name]) if self.device.type == 'cuda' else None
+            store_weights(module, dtype, self._fp32_weights, prefix=name)
+        self.config = replace(self.config, precision=precision)
+        self.precisions = precisions
+        if precision != 'fp32':
+            _log.info('precision %s: DUSt3R in %s, LSeg in %s (approximate; precision=fp32 is exact)%s',
+                      precision, precisions['dust3r'], precisions['lseg'],
+                      '; reduced weights stored reduced' if self._fp32_weights else '')
+
+    def _precision_modules(self) -> dict[str, torch.nn.Module]:
+        """The dense networks, by their key in :data:`NETWORK_PRECISIONS`."""
+        if self.semantic:
+            return {'dust3r': self.network.dust3r, 'lseg': self.network.lseg}
+        return {'dust3r': self.network}
 
     @property
     def semantic(self) -> bool:
@@ -261,13 +349,15 @@ class Reconstructor:
         return self._offloaded
 
     def offload(self) -> bool:
-        """Free accelerator memory: on CUDA, move the network to the CPU, drop the cached render tensors and return
-        torch's cached CUDA blocks to the driver (True; call :meth:`reload` before the next reconstruct, query or
-        render). On the CPU there is nothing to free and the model stays usable (False)."""
+        """Free accelerator memory: on CUDA, move the network to the CPU, drop the Gaussians' device tensors and the
+        captured CUDA graphs and return torch's cached CUDA blocks to the driver (True; call :meth:`reload` before
+        the next reconstruct, query or render). On the CPU there is nothing to free and the model stays usable
+        (False)."""
         if self.device.type != 'cuda':
             return False
         with self._render_lock:
-            self._render_cache = None
+            self._device_cache.clear()
+        self._graphs.clear()
         self.network.to('cpu')
         self._offloaded = True
         torch.cuda.empty_cache()
@@ -277,6 +367,7 @@ class Reconstructor:
     def reload(self) -> None:
         """Move an offloaded network back to its device (nothing to do otherwise)."""
         if self._offloaded:
+            self._graphs.clear()
             self.network.to(self.device)
             self._offloaded = False
 
@@ -354,19 +445,61 @@ class Reconstructor:
     @torch.no_grad()
     def infer(self, img1: torch.Tensor, img2: torch.Tensor) -> dict[str, torch.Tensor]:
         """Geometry forward on pre-processed (B,3,H,W) float32 tensors in [-1, 1] (official names), in DUSt3R's
-        precision of :data:`NETWORK_PRECISIONS`."""
+        precision of :func:`network_precisions`; replayed from a CUDA graph with ``cuda_graphs`` on CUDA. The
+        outputs stay on the device."""
         img1, img2 = img1.to(self.device), img2.to(self.device)
-        if self.semantic:
-            return self.network.geometry(img1, img2, precision=self.precisions['dust3r'])
-        return self.network(img1, img2, precision=self.precisions['dust3r'])
+        precision = self.precisions['dust3r']
+        forward = self.network.geometry if self.semantic else self.network
+        return self._graphs.run('dust3r', lambda a, b: forward(a, b, precision=precision), (img1, img2), precision)
+
+    @torch.no_grad()
+    def _semantics(self, img1: torch.Tensor, img2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`LargeSpatialModel.semantics` in LSeg's precision (from a CUDA graph with ``cuda_graphs``)."""
+        precision = self.precisions['lseg']
+        return self._graphs.run('lseg', lambda a, b: self.network.semantics(a, b, precision=precision),
+                                (img1, img2), precision)
+
+    @contextmanager
+    def _on_semantic_stream(self, *inputs: torch.Tensor) -> Iterator[None]:
+        """Run the block on the semantic CUDA stream (``cuda_streams``) after the work queued so far on the current
+        stream; ``inputs``, made on the current stream, are recorded as used by the semantic stream (so that the
+        allocator does not hand out their memory while it still reads them). Without that stream: nothing."""
+        stream = self._semantic_stream
+        if stream is None:
+            yield
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for tensor in inputs:
+            tensor.record_stream(stream)
+        with torch.cuda.stream(stream):
+            yield
+
+    def _join_semantic_stream(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The current stream waits for the semantic stream's work; ``tensors`` made there are recorded as used
+        by the current stream."""
+        stream = self._semantic_stream
+        if stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(stream)
+        for tensor in tensors:
+            tensor.record_stream(current)
 
     def reconstruct(self, left: np.ndarray, right: np.ndarray,
                     calibration: CameraCalibration | None = None) -> Reconstruction:
         """Reconstruct an image pair (numpy HxWx3 uint8 RGB, HxW mono8 or HxWx4; any size, same for both).
 
         ``calibration``: known intrinsics of the input images and/or a stereo baseline. Without intrinsics,
-        view 1's focal comes from its point map (Weiszfeld) and view 2's from PnP (focal search + Weiszfeld).
+        view 1's focal comes from its point map (Weiszfeld) and view 2's from the PnP RANSAC (its hypotheses give the
+        focal). A rectified calibrated rig (``calibration.rectified_stereo``) takes its pose from the calibration and
+        only its scale from the point maps (no PnP).
         With the full LSM, the result also carries the semantic Gaussians (one per pixel of both views).
+
+        The pair stays on the device from the networks to the products; each product is copied to the host once,
+        at the end (the Gaussians' device tensors are kept for :meth:`query` and :meth:`render`). With
+        ``cuda_streams`` LSeg runs beside DUSt3R and PTv3 + the Gaussian head beside the camera recovery; with
+        ``cuda_graphs`` DUSt3R and LSeg replay CUDA graphs. On CUDA the stage timings are host times (queued, not
+        synchronised); ``total`` includes the final copy, so it is the pair's wall time.
         """
         self._require_loaded()
         cfg = self.config
@@ -375,41 +508,69 @@ class Reconstructor:
         t0 = time.perf_counter()
         view1, view2 = preprocess_pair(left, right, cfg.resolution)
         t1 = time.perf_counter()
-        img1, img2 = view1.tensor.to(self.device), view2.tensor.to(self.device)
-        out = self.infer(img1, img2)
-        raw = {k: out[k].detach().float().cpu().numpy() for k in NETWORK_OUTPUT_KEYS}
-        t2 = time.perf_counter()
         timings['preprocess'] = t1 - t0
-        timings['network'] = t2 - t1
-        gaussian_tensors = None
-        if self.semantic:
-            with torch.no_grad():
-                semantics = self.network.semantics(img1, img2, precision=self.precisions['lseg'])
-                t3 = time.perf_counter()
-                gaussian_tensors = self.network.gaussians(img1, img2, out, semantics)
-            timings['semantics'] = t3 - t2
-            timings['gaussians'] = time.perf_counter() - t3
+        img1, img2 = view1.tensor.to(self.device), view2.tensor.to(self.device)
+        semantics: dict[str, torch.Tensor] | None = None
+        gaussian_tensors: dict[str, torch.Tensor] | None = None
+        with torch.no_grad():
+            if self.semantic:
+                with self._on_semantic_stream(img1, img2):                 # LSeg beside DUSt3R
+                    semantics = self._semantics(img1, img2)
+                timings['semantics'] = time.perf_counter() - t1
             t2 = time.perf_counter()
+            out = self.infer(img1, img2)
+            t3 = time.perf_counter()
+            timings['network'] = t3 - t2
+            if self.semantic:
+                with self._on_semantic_stream(*out.values()):              # PTv3 + head beside the cameras
+                    gaussian_tensors = self.network.gaussians(img1, img2, out, semantics,
+                                                              precision=self.config.precision)
+                timings['gaussians'] = time.perf_counter() - t3
 
-        pts1, pts2 = raw['pts3d_1'][0].astype(np.float64), raw['pts3d_2'][0].astype(np.float64)
-        conf1, conf2 = raw['conf_1'][0], raw['conf_2'][0]
+        # Camera recovery: pts1, pts2 (H,W,3) and conf1, conf2 (H,W), batch item 0, device tensors. Everything below
+        # runs on the device (lsm_ros.cameras' torch cores); the small camera results come to the host once.
+        pts1, conf1, pts2, conf2 = (out[key][0] for key in NETWORK_OUTPUT_KEYS)
         height, width = conf1.shape
+        t2 = time.perf_counter()
 
+        focal_estimated = None
         if calibration.K_left is not None:
             K_1 = view1.crop.intrinsics_to_model(calibration.K_left)
             intrinsics_source = calibration.source
         else:
-            K_1 = estimate_intrinsics(pts1)
+            K_1, focal_estimated = cameras.intrinsics_from_points(pts1, *FOCAL_BOUNDS)
             intrinsics_source = 'estimated'
         K_2_known = view2.crop.intrinsics_to_model(calibration.K_right) if calibration.K_right is not None else None
-        pose = cameras.estimate_relative_pose(
-            pts2, conf2, K_2_known, reprojection_error_px=cfg.pose_reprojection_error_px,
-            iterations=cfg.pose_ransac_iterations, max_points=cfg.pose_max_points)
+        scale, scale_source, pose_source = 1.0, 'none', 'pnp'
+        if calibration.rectified_stereo and calibration.baseline_m is not None and K_2_known is not None:
+            # Calibrated rectified rig: the pose is the calibration's (right camera at (B, 0, 0) m, R = I); only the
+            # scale is fitted. If the point map fits no scale (e.g. untrained weights), the pose stays the
+            # calibration's with model units taken as metres, and the result is not metric.
+            rig = cameras.stereo_rig_scale(pts2, conf2, K_2_known, calibration.baseline_m).to_numpy()
+            T_rig = rig.T_1_2.copy()
+            if rig.success:
+                scale, scale_source = rig.scale, 'stereo_rig'
+                message = f'pose from the rig calibration; {rig.message}'
+            else:
+                T_rig[0, 3] = calibration.baseline_m
+                message = f'pose from the rig calibration, model units taken as metres (not metric): {rig.message}'
+                _log.warning('%s', message)
+            pose = cameras.RelativePose(
+                T_1_2=T_rig, focal_2=float(K_2_known[0, 0]), K_2=K_2_known, num_inliers=rig.num_pixels,
+                num_candidates=rig.num_candidates, reprojection_rmse_px=rig.disparity_rmse_px, success=True,
+                message=message)
+            pose_source = 'stereo_calibration'
+        else:
+            pose = cameras.relative_pose(
+                pts2, conf2, K_2_known, reprojection_error_px=cfg.pose_reprojection_error_px,
+                iterations=cfg.pose_ransac_iterations, max_points=cfg.pose_max_points).to_numpy()
+        if focal_estimated is not None and not bool(focal_estimated):  # the host already waited for the pose
+            _log.warning('focal estimation failed (no usable point): using the 60-degree-FOV focal %.1f px',
+                         cameras.reference_focal(height, width))
         K_2 = K_2_known if K_2_known is not None else pose.K_2
         timings['cameras'] = time.perf_counter() - t2
 
-        scale, scale_source = 1.0, 'none'
-        if calibration.baseline_m is not None:
+        if calibration.baseline_m is not None and pose_source == 'pnp':
             if pose.success:
                 scale = cameras.metric_scale_from_baseline(pose.T_1_2, calibration.baseline_m)
                 scale_source = 'stereo_baseline'
@@ -419,21 +580,69 @@ class Reconstructor:
         T_1_2 = pose.T_1_2.copy()
         T_1_2[:3, 3] *= scale
         depth_1 = pts1[..., 2] * scale
-        depth_2 = cameras.depth_in_own_frame(pts2, pose.T_1_2) * scale if pose.success \
-            else np.full_like(depth_1, np.nan)
-        for depth, conf in ((depth_1, conf1), (depth_2, conf2)):
-            depth[~np.isfinite(depth) | (depth <= 0) | (conf < cfg.min_confidence)] = np.nan
+        depth_2 = cameras.depth_in_own_frame(pts2, pose.T_1_2) * scale if pose.success else depth_1 * float('nan')
+        depth_1 = _masked_depth(depth_1, conf1, cfg.min_confidence)
+        depth_2 = _masked_depth(depth_2, conf2, cfg.min_confidence)
+        cloud_tensors: dict[str, torch.Tensor] | None = None
+        if gaussian_tensors is not None:
+            length_scale = float(scale)
+            cloud_tensors = {f.name: gaussian_tensors[f.name].detach().float() for f in fields(GaussianCloud)}
+            self._join_semantic_stream(list(cloud_tensors.values()))       # made on the semantic stream
+            if length_scale != 1.0:
+                cloud_tensors['means'] = cloud_tensors['means'] * length_scale
+                cloud_tensors['scales'] = cloud_tensors['scales'] * length_scale
+        # Every product to the host, once (one synchronisation on CUDA).
+        products: dict[str, Any] = dict(
+            pts3d_1=pts1 * scale, pts3d_2=pts2 * scale, conf_1=conf1, conf_2=conf2, depth_1=depth_1, depth_2=depth_2,
+            K_1=K_1, K_2=K_2, T_1_2=T_1_2, **{f'raw.{key}': out[key] for key in NETWORK_OUTPUT_KEYS},
+            **{f'gaussians.{key}': value for key, value in (cloud_tensors or {}).items()})
+        host = self._to_host(products, float64=('K_1', 'K_2', 'T_1_2'),
+                             shared=tuple(f'gaussians.{key}' for key in cloud_tensors or ()))
+        gaussians = None
+        if cloud_tensors is not None:
+            gaussians = GaussianCloud(**{f.name: host[f'gaussians.{f.name}'] for f in fields(GaussianCloud)})
+            self._remember_device_tensors(gaussians, cloud_tensors)
         timings['total'] = time.perf_counter() - t0
         return Reconstruction(
-            pts3d_1=(pts1 * scale).astype(np.float32), pts3d_2=(pts2 * scale).astype(np.float32),
-            conf_1=conf1.astype(np.float32), conf_2=conf2.astype(np.float32),
-            depth_1=depth_1.astype(np.float32), depth_2=depth_2.astype(np.float32),
-            K_1=K_1, K_2=K_2, T_1_2=T_1_2, image_1=view1.rgb, image_2=view2.rgb,
-            crop_1=view1.crop, crop_2=view2.crop, metric_scale=scale_source != 'none', scale_factor=scale,
-            scale_source=scale_source, intrinsics_source=intrinsics_source, pose=pose, network_outputs=raw,
+            pts3d_1=host['pts3d_1'], pts3d_2=host['pts3d_2'], conf_1=host['conf_1'], conf_2=host['conf_2'],
+            depth_1=host['depth_1'], depth_2=host['depth_2'],
+            K_1=host['K_1'], K_2=host['K_2'], T_1_2=host['T_1_2'],
+            image_1=view1.rgb, image_2=view2.rgb,
+            crop_1=view1.crop, crop_2=view2.crop, metric_scale=scale_source != 'none', scale_factor=float(scale),
+            scale_source=scale_source, intrinsics_source=intrinsics_source, pose=pose, pose_source=pose_source,
+            network_outputs={key: host[f'raw.{key}'] for key in NETWORK_OUTPUT_KEYS},
             weights=self.weights, trained_weights=self.trained_weights, timings_s=timings,
-            min_confidence=cfg.min_confidence,
-            gaussians=None if gaussian_tensors is None else GaussianCloud.from_model_output(gaussian_tensors, scale))
+            min_confidence=cfg.min_confidence, gaussians=gaussians)
+
+    def _to_host(self, values: Mapping[str, Any], float64: Sequence[str] = (), shared: Sequence[str] = ()
+                 ) -> dict[str, np.ndarray]:
+        """Each value (a tensor on any device, or an array) as a new float32 numpy array (float64 for the keys in
+        ``float64``). CUDA tensors are queued into pinned host memory on the current stream and waited for once,
+        together. CPU tensors of the keys in ``shared`` are not copied: the array shares their memory (the
+        Gaussians, whose tensors the CPU keeps for query/render as they are)."""
+        copies: dict[str, Any] = {}
+        for key, value in values.items():
+            wide = key in float64
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64 if wide else torch.float32)
+                if value.is_cuda:
+                    copies[key] = value.to('cpu', non_blocking=True)
+                else:
+                    copies[key] = value if key in shared else value.clone()
+            else:
+                copies[key] = np.array(value, dtype=np.float64 if wide else np.float32)
+        if any(isinstance(v, torch.Tensor) for v in values.values()) and self.device.type == 'cuda':
+            torch.cuda.current_stream(self.device).synchronize()
+        return {key: value.numpy() if isinstance(value, torch.Tensor) else value for key, value in copies.items()}
+
+    def _remember_device_tensors(self, cloud: GaussianCloud, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep ``cloud``'s tensors on the device for :meth:`query` and :meth:`render` (the last
+        DEVICE_CACHE_ENTRIES clouds; :meth:`offload` drops them)."""
+        with self._render_lock:
+            self._device_cache[id(cloud)] = (weakref.ref(cloud), tensors)
+            self._device_cache.move_to_end(id(cloud))
+            while len(self._device_cache) > DEVICE_CACHE_ENTRIES:
+                self._device_cache.popitem(last=False)
 
     def query(self, result: Reconstruction, phrases: Sequence[str], views: Sequence[int] = (0, 1)) -> QueryResult:
         """Label a reconstruction with free-text phrases: LSM's decoding of the Gaussian features of the
@@ -455,12 +664,13 @@ class Reconstructor:
         height, width = result.conf_1.shape
         with torch.no_grad():
             text = self.network.text_features(phrases)
-            features = torch.from_numpy(result.gaussians.features).to(self.device)
+            features = self._gaussian_tensors(result.gaussians)['features']    # kept on the device
             view_features = features.view(2, height, width, -1)[list(views)].permute(0, 3, 1, 2)
             logits = self.network.view_label_logits(view_features, text)
             point_logits = self.network.point_label_logits(features, text)
-        return QueryResult(phrases=phrases, views=views, logits=logits.cpu().numpy(),
-                           point_logits=point_logits.cpu().numpy(), logit_scale=LSEG_LOGIT_SCALE)
+        host = self._to_host(dict(logits=logits, point_logits=point_logits))
+        return QueryResult(phrases=phrases, views=views, logits=host['logits'], point_logits=host['point_logits'],
+                           logit_scale=LSEG_LOGIT_SCALE)
 
     def render(self, result: Reconstruction, T_left_camera: np.ndarray | None = None, K: np.ndarray | None = None,
                size: tuple[int, int] | None = None, channels: Sequence[str] = RENDER_CHANNELS,
@@ -500,26 +710,41 @@ class Reconstructor:
             if phrases:
                 features = out.features.permute(2, 0, 1)[None]
                 label_logits = self.network.view_label_logits(features, self.network.text_features(phrases))[0]
-        alpha = out.alpha.float().cpu().numpy()
-        depth = None
-        if 'depth' in channels:
-            depth = out.depth.float().cpu().numpy()
+        wanted = dict(alpha=out.alpha, depth=out.depth if 'depth' in channels else None,
+                      rgb=out.rgb if 'rgb' in channels else None,
+                      features=out.features if 'features' in channels else None, label_logits=label_logits)
+        host = self._to_host({key: value for key, value in wanted.items() if value is not None})   # one copy
+        alpha, depth = host['alpha'], host.get('depth')
+        if depth is not None:
             depth[alpha < DEPTH_MIN_ALPHA] = np.nan
         return RenderedView(
             width=width, height=height, K=K, T_left_camera=T, alpha=alpha,
-            rgb=None if out.rgb is None or 'rgb' not in channels else np.clip(out.rgb.float().cpu().numpy(), 0, 1),
-            depth=depth,
-            features=out.features.float().cpu().numpy() if 'features' in channels else None,
-            phrases=phrases, label_logits=None if label_logits is None else label_logits.cpu().numpy())
+            rgb=None if 'rgb' not in host else np.clip(host['rgb'], 0, 1), depth=depth,
+            features=host.get('features'), phrases=phrases, label_logits=host.get('label_logits'))
 
     def _gaussian_tensors(self, cloud: GaussianCloud) -> dict[str, torch.Tensor]:
-        """The cloud's arrays as tensors on the device, kept for the last cloud rendered (videos, services)."""
+        """The cloud's arrays as float32 tensors on the device: those kept by :meth:`reconstruct`, else uploaded
+        once and kept (the last DEVICE_CACHE_ENTRIES clouds: videos, services)."""
         with self._render_lock:
-            if self._render_cache is None or self._render_cache[0] is not cloud:
-                tensors = {f.name: torch.from_numpy(np.ascontiguousarray(getattr(cloud, f.name))).to(self.device)
-                           for f in fields(cloud)}
-                self._render_cache = (cloud, tensors)
-            return self._render_cache[1]
+            entry = self._device_cache.get(id(cloud))
+            if entry is not None and entry[0]() is cloud:
+                self._device_cache.move_to_end(id(cloud))
+                return entry[1]
+        tensors = {f.name: torch.from_numpy(np.array(getattr(cloud, f.name), dtype=np.float32)).to(self.device)
+                   for f in fields(cloud)}
+        self._remember_device_tensors(cloud, tensors)
+        return tensors
+
+
+def _masked_depth(depth: Any, conf: Any, min_confidence: float) -> Any:
+    """``depth`` (H,W; tensor or array) with NaN where it is not finite, not positive or ``conf`` < min_confidence
+    (a new tensor, or the array changed in place)."""
+    if isinstance(depth, torch.Tensor):
+        conf = torch.as_tensor(conf, device=depth.device)
+        invalid = ~torch.isfinite(depth) | (depth <= 0) | (conf < min_confidence)
+        return depth.masked_fill(invalid, float('nan'))
+    depth[~np.isfinite(depth) | (depth <= 0) | (conf < min_confidence)] = np.nan
+    return depth
 
 
 def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:

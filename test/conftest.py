@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -31,8 +32,52 @@ ROS_ENVIRONMENT = apply_localhost_only_environment(domain_id=reserve_domain_id()
 os.environ['LSM_ROS_WEIGHTS'] = tempfile.mkdtemp(prefix='lsm_ros_test_weights_')
 assert 'rclpy' not in sys.modules or os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
 
-# after the isolation; RosGraph (the tests' in-process graph: add(), close()) and wait_until for the tests
-from lsm_ros.ros.graph import DEFAULT_EXECUTOR_THREADS, RosGraph, wait_until  # noqa: E402,F401
+# After the isolation, on first use: RosGraph (the tests' in-process graph: add(), close()), wait_until and
+# DEFAULT_EXECUTOR_THREADS of lsm_ros.ros.graph, which imports rclpy; ``from conftest import RosGraph`` works as
+# before (module __getattr__). This module imports no rclpy itself, so a session without ROS (the CUDA tests on a GPU
+# machine: ``pytest -m cuda``) can run the tests that need none; the test modules that need ROS are then reported
+# as skipped (:func:`pytest_make_collect_report`).
+_ROS_GRAPH_NAMES = frozenset({'DEFAULT_EXECUTOR_THREADS', 'RosGraph'})
+# what a test module fails to import where ROS is not installed (rclpy, generated interfaces, rosbag2, launch)
+_ROS_MODULE_MISSING = re.compile(r"No module named '(rclpy|rosidl\w*|rosbag2\w*|rcl\w*|\w+_msgs|\w+_interfaces|"
+                                 r"lsm_ros\.(msg|srv)|launch\w*|ament\w*|tf2\w*|message_filters)[.']")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ROS_GRAPH_NAMES:
+        from lsm_ros.ros import graph
+        return getattr(graph, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def wait_until(*args: Any, **kwargs: Any) -> bool:
+    """lsm_ros.ros.graph.wait_until (predicate, timeout_s, poll_s), imported on the first wait."""
+    from lsm_ros.ros import graph
+    return graph.wait_until(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def ros_available() -> bool:
+    """True when rclpy can be imported (asked only once a test module failed to import, after the isolation)."""
+    try:
+        import rclpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Without ROS (no rclpy), a test module that cannot be imported for want of a ROS package is skipped with
+    that reason instead of failing the collection; with ROS nothing changes."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and isinstance(collector, pytest.Module) and not ros_available():
+        missing = _ROS_MODULE_MISSING.search(str(report.longrepr))
+        if missing:
+            report.outcome = 'skipped'
+            report.longrepr = (str(collector.path), 0, f'Skipped: needs ROS 2 ({missing.group(1)} is not '
+                                                       f'importable in this session)')
 
 # The tiny random DUSt3R of the ROS tests: ~1 s per pair on 2 CPU cores at 224x224. The wide PnP threshold
 # lets the relative pose of random point maps succeed, so every product (pose, /tf) is exercised.
@@ -329,14 +374,16 @@ class NodeHarness:
     """
 
     timeout_s = NODE_TIMEOUT_S
-    executor_threads = DEFAULT_EXECUTOR_THREADS
+    executor_threads: int | None = None      # None: RosGraph's default, lsm_ros.ros.graph.DEFAULT_EXECUTOR_THREADS
 
     def __init__(self, context: Any, reconstructor: Any, namespace: str = 'lsm', **parameters: Any) -> None:
         from rclpy.node import Node
 
         from lsm_ros.msg import ReconstructionInfo
         from lsm_ros.ros import node as lsm
-        self.executor = RosGraph(context, num_threads=self.executor_threads)
+        from lsm_ros.ros.graph import RosGraph
+        threads = {} if self.executor_threads is None else {'num_threads': self.executor_threads}
+        self.executor = RosGraph(context, **threads)
         try:
             self.node = self.executor.add(self.make_node(reconstructor, context, namespace, **parameters))
             self.client = self.executor.add(Node(f'test_{namespace}_client', context=context))

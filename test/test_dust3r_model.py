@@ -110,6 +110,50 @@ def test_patch_embed_tokens_are_row_major() -> None:
     assert positions[0].tolist() == [[i // 5, i % 5] for i in range(15)]
 
 
+def _uncached_tables(rope: RoPE2D, positions: torch.Tensor, channels: int, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return RoPE2D._cos_sin(RoPE2D(rope.base), positions.clone(), channels, dtype)   # a fresh module and tensor
+
+
+def test_rope2d_tables_are_cached_per_positions_tensor() -> None:
+    rope = RoPE2D(100.0)
+    positions = PatchEmbed(16, 8).patch_positions(3, 5, torch.device('cpu')).expand(2, -1, -1)
+    tokens = torch.randn(2, 2, 15, 16, generator=torch.Generator().manual_seed(2))
+    first = rope(tokens, positions)
+    assert len(rope._tables) == 2                      # y and x halves
+    cos, sin = rope._cos_sin(positions[..., 0], 8, torch.float32)
+    again_cos, _ = rope._cos_sin(positions[..., 0], 8, torch.float32)
+    assert again_cos is cos and len(rope._tables) == 2   # a new view of the same positions hits
+    expected_cos, expected_sin = _uncached_tables(rope, positions[..., 0], 8, torch.float32)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    assert torch.equal(rope(tokens, positions), first)
+    half = rope._cos_sin(positions[..., 0], 8, torch.bfloat16)[0]
+    assert half.dtype == torch.bfloat16 and len(rope._tables) == 3
+    # other positions with equal shape miss; changing the cached positions in place invalidates its entry
+    other = torch.randint(0, 9, (2, 15, 2), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(rope(tokens, other), RoPE2D(100.0)(tokens, other.clone()))
+    base = positions.clone()
+    rope(tokens, base)
+    base.add_(1)
+    assert torch.equal(rope(tokens, base), RoPE2D(100.0)(tokens, base.clone()))
+    assert not torch.equal(rope(tokens, base), first)
+    for _ in range(2 * RoPE2D.CACHE_ENTRIES):           # bounded
+        rope(tokens, other.clone())
+    assert len(rope._tables) == RoPE2D.CACHE_ENTRIES
+    rope.to(torch.float64)                               # moving the module empties its cache
+    assert len(rope._tables) == 0
+
+
+def test_patch_embed_positions_are_one_tensor_per_grid(tiny_net: Dust3rNet) -> None:
+    embed = tiny_net.patch_embed
+    _, first = embed(torch.zeros(1, 3, 48, 80))
+    _, second = embed(torch.zeros(3, 3, 48, 80))
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    assert second.shape == (3, 15, 2) and torch.equal(second[2], first[0])
+    _, other = embed(torch.zeros(1, 3, 32, 32))
+    assert other.shape == (1, 4, 2) and other.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+
+
 # ------------------------------------------------------------------------------------------------ network
 def test_forward_shapes_and_keys(tiny_net: Dust3rNet) -> None:
     img1, img2 = _images(batch=2, height=48, width=80)

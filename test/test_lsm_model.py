@@ -14,7 +14,9 @@ from lsm_ros.model.gaussian_head import (GaussianHead, GaussianHeadConfig, covar
                                          knn_mean_squared_distance, quaternion_xyzw_to_matrix)
 from lsm_ros.model.lsm import _PTV3_CONFIG_KEYS as PTV3_OFFICIAL_KEYS
 from lsm_ros.model.lsm import LargeSpatialModel, _our_lsm_key_to_official, merge_points
+from lsm_ros.reference_weights import find_reference_dir
 
+REFERENCE = find_reference_dir()
 SIZE = TINY_MODEL_IMAGE_SIZE  # image side of the tiny_model tests (conftest's tiny_pair)
 
 
@@ -117,16 +119,75 @@ def test_stage_shapes_and_row_order(tiny_model, tiny_pair, stages) -> None:
                                pooled[0].flatten(1).T)
 
 
-def test_batch_is_per_sample(tiny_model, tiny_pair, stages) -> None:
+def _sample(geometry: dict, semantics: dict, b: int, batch: int) -> tuple[dict, dict]:
+    """Sample ``b`` of batched stage outputs as batch-1 outputs (LSeg's (view, batch) rows included)."""
+    rows = [b, batch + b]
+    return ({key: value[b:b + 1] for key, value in geometry.items()},
+            {'lseg_features': semantics['lseg_features'][rows], 'lseg_res_feature': semantics['lseg_res_feature'][rows],
+             'lseg_token_feature': semantics['lseg_token_feature'][b:b + 1]})
+
+
+def test_batch_is_per_sample(tiny_model, tiny_pair) -> None:
+    """A batch of two gives each sample the Gaussians of that sample alone (same stage inputs: the point maps of a
+    batched DUSt3R differ in the last float32 bit, which moves voxels and so changes PTv3 chaotically)."""
     img1, img2 = (torch.cat([x, x.flip(-1)]) for x in tiny_pair)
     geometry = tiny_model.geometry(img1, img2)
     semantics = tiny_model.semantics(img1, img2)
     batched = tiny_model.gaussians(img1, img2, geometry, semantics)
     n = 2 * SIZE * SIZE
-    for key in ('means', 'scales', 'features', 'sh'):
-        torch.testing.assert_close(batched[key][:n], stages['gaussians'][key], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match='serialization orders'):
+    for b in range(2):
+        single = tiny_model.gaussians(img1[b:b + 1], img2[b:b + 1], *_sample(geometry, semantics, b, 2))
+        for key, value in single.items():
+            rows = slice(b, b + 1) if key in ('center', 'scale') else slice(b * n, (b + 1) * n)
+            assert torch.equal(batched[key][rows], value), (b, key)
+    assert not torch.equal(batched['features'][:n], batched['features'][n:])
+    with pytest.raises(ValueError, match='serialization_order tensors for a batch of 2'):
         tiny_model.gaussians(img1, img2, geometry, semantics, serialization_order=[torch.zeros(4, n).long()])
+    with pytest.raises(ValueError, match='grid_coord tensors for a batch of 2'):
+        tiny_model.gaussians(img1, img2, geometry, semantics, grid_coord=torch.zeros(1, n, 3, dtype=torch.long))
+
+
+def test_injected_grid_coord(tiny_model, tiny_pair, stages) -> None:
+    """``grid_coord=`` replaces the computed level-0 voxel grid: the computed grid itself reproduces the default
+    result, a changed grid changes the Gaussians, and a grid of the wrong shape or dtype is refused."""
+    geometry, semantics, expected = stages['geometry'], stages['semantics'], stages['gaussians']
+    img1, img2 = tiny_pair
+    coord, _, _, _ = merge_points(geometry['pts3d_1'][0], geometry['pts3d_2'][0], img1[0], img2[0])
+    grid = tiny_model.point_transformer.level0(coord).grid
+    for given in (grid, grid.int(), grid.short()[None]):      # (2HW, 3) of any integer dtype, or a batch of one
+        injected = tiny_model.gaussians(img1, img2, geometry, semantics, grid_coord=given)
+        assert all(torch.equal(injected[key], expected[key]) for key in expected)
+    coarser = tiny_model.gaussians(img1, img2, geometry, semantics, grid_coord=grid // 2)
+    assert torch.equal(coarser['means'], expected['means'])
+    assert not torch.equal(coarser['point_features'], expected['point_features'])
+    for bad, message in ((grid[:-1], 'grid_coord shape'), (grid[:, :2], 'grid_coord shape'),
+                         (grid.float(), 'integer tensor'), (grid - 1, '>= 0'),
+                         (grid.reshape(-1), '2-D tensor')):
+        with pytest.raises(ValueError, match=message):
+            tiny_model.gaussians(img1, img2, geometry, semantics, grid_coord=bad)
+
+
+@pytest.mark.skipif(REFERENCE is None, reason='reference folder shared/reference/lsm_vitl_256 absent')
+def test_reference_grid_coord_is_the_computed_grid(tiny_model) -> None:
+    """On the reference point maps (2 x 256 x 256 points) the grid computed from ``merge_points`` is the reference's
+    ``grid_coord0``, injecting it gives the same level 0 (codes, orders, voxels: the rest of the network only sees
+    these), and the reference's level-0 order ``order0`` sorts our codes of it."""
+    with np.load(REFERENCE / 'dust3r.npz') as dust3r, np.load(REFERENCE / 'ptv3.npz') as ptv3, \
+            np.load(REFERENCE / 'inputs.npz') as inputs:
+        pts3d = [torch.from_numpy(dust3r[f'pts3d_{v}'][0]) for v in (1, 2)]
+        grid_coord0, order0 = torch.from_numpy(ptv3['grid_coord0']), torch.from_numpy(ptv3['order0'])
+        images = torch.from_numpy(inputs['images'])
+    coord, _, _, _ = merge_points(*pts3d, images[0], images[1])
+    ptv3_model = tiny_model.point_transformer
+    computed, injected = ptv3_model.level0(coord), ptv3_model.level0(coord, grid_coord0)
+    assert grid_coord0.dtype == torch.int16 and torch.equal(computed.grid, grid_coord0.long())
+    assert computed.depth == injected.depth == 8
+    for name in ('codes', 'orders', 'inverses'):
+        assert torch.equal(getattr(computed, name), getattr(injected, name)), name
+    assert computed.voxels.num_voxels == 81007      # README §4.4: the level-0 points occupy 81007 voxels
+    assert torch.equal(computed.voxels.point_voxel, injected.voxels.point_voxel)
+    official = ptv3_model.level0(coord, grid_coord0, order0)
+    assert torch.equal(official.orders, order0.long()) and not torch.equal(official.orders, computed.orders)
 
 
 def test_label_logits(tiny_model, stages) -> None:

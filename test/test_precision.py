@@ -176,3 +176,101 @@ def test_reduced_precision_on_cuda(tiny_model, tiny_pair, precision) -> None:
         assert relative.max() < 0.05, (view, relative.max())
     gaussians = model.gaussians(img1, img2, reduced, semantics)
     assert torch.isfinite(gaussians['means']).all()
+
+
+# ------------------------------------------------------------------------------------------------ TF32 control
+def _tf32_flags() -> dict[str, Any]:
+    """The TF32 settings :func:`layers.tf32_mode` manages, by attribute path (read through the same API)."""
+    return {f'{type(owner).__module__}.{attribute}': getattr(owner, attribute)
+            for owner, attribute in layers._tf32_settings()}
+
+
+def _allowed(flags: dict[str, Any]) -> set[bool]:
+    return {value in (True, 'tf32') for value in flags.values()}
+
+
+@pytest.fixture
+def user_tf32_setting():
+    """A deliberately odd user setting (matmul TF32 on, cuDNN TF32 off), restored after the test."""
+    settings = layers._tf32_settings()
+    saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute in settings]
+    (matmul, matmul_attribute), (conv, conv_attribute) = settings
+    setattr(matmul, matmul_attribute, layers._tf32_value(matmul_attribute, True))
+    setattr(conv, conv_attribute, layers._tf32_value(conv_attribute, False))
+    yield _tf32_flags()
+    for owner, attribute, value in saved:
+        setattr(owner, attribute, value)
+    assert not any(layers._TF32_HOLDERS.values()) and not layers._TF32_SAVED
+
+
+def test_tf32_mode_sets_and_restores_the_process_setting(user_tf32_setting) -> None:
+    assert _allowed(user_tf32_setting) == {True, False}
+    with layers.tf32_mode(False):
+        assert _allowed(_tf32_flags()) == {False}
+        with layers.tf32_mode(True):           # exact wins while an exact holder is active
+            assert _allowed(_tf32_flags()) == {False}
+        assert _allowed(_tf32_flags()) == {False}
+    assert _tf32_flags() == user_tf32_setting
+    with layers.tf32_mode(True):
+        assert _allowed(_tf32_flags()) == {True}
+        with layers.tf32_mode(False):          # fp32 inside a fast context: exact, then fast again
+            assert _allowed(_tf32_flags()) == {False}
+        assert _allowed(_tf32_flags()) == {True}
+    assert _tf32_flags() == user_tf32_setting
+
+
+def test_tf32_mode_restores_after_an_exception(user_tf32_setting) -> None:
+    with pytest.raises(RuntimeError, match='inside'):
+        with layers.tf32_mode(True):
+            with layers.tf32_mode(False):
+                raise RuntimeError('inside')
+    assert _tf32_flags() == user_tf32_setting
+
+
+def test_tf32_mode_holds_across_threads(user_tf32_setting) -> None:
+    """Two threads: while the exact one runs, TF32 is off for both; the setting comes back after the last."""
+    import threading
+    entered, release = threading.Event(), threading.Event()
+
+    def exact() -> None:
+        with layers.tf32_mode(False):
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=exact)
+    with layers.tf32_mode(True):
+        worker.start()
+        assert entered.wait(10)
+        assert _allowed(_tf32_flags()) == {False}
+        release.set()
+        worker.join(10)
+        assert _allowed(_tf32_flags()) == {True}
+    assert _tf32_flags() == user_tf32_setting
+
+
+def test_precision_contexts_leave_tf32_alone_on_the_cpu(user_tf32_setting) -> None:
+    for precision in ('fp32', 'bf16'):
+        for make in (layers.autocast, layers.fp32_matmul):
+            with make(precision, 'cpu'):
+                assert _tf32_flags() == user_tf32_setting
+                assert torch.is_autocast_enabled('cpu') == (make is layers.autocast and precision == 'bf16')
+    with layers.autocast('bf16', 'cpu'):
+        assert torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+        with layers.fp32_matmul('bf16', 'cpu'):
+            assert not torch.is_autocast_enabled('cpu')
+        assert torch.is_autocast_enabled('cpu')
+    with pytest.raises(ValueError, match='unknown precision'):
+        layers.fp32_matmul('int8', 'cpu')
+
+
+def test_precision_contexts_set_tf32_for_cuda_devices(user_tf32_setting) -> None:
+    """The CUDA branch, on any build (the flags exist without a GPU): fp32 exact, bf16 TF32, restored after."""
+    for precision, allowed in (('fp32', False), ('bf16', True)):
+        for make in (layers.autocast, layers.fp32_matmul):
+            if precision == 'bf16' and make is layers.autocast and not torch.cuda.is_available():
+                continue      # autocast's check_precision asks the GPU whether it has bfloat16
+            with make(precision, 'cuda'):
+                assert _allowed(_tf32_flags()) == {allowed}, (precision, make.__name__)
+            assert _tf32_flags() == user_tf32_setting
+    with layers.fp32_matmul('bf16', 'cuda'), layers.fp32_matmul('fp32', 'cuda'):
+        assert _allowed(_tf32_flags()) == {False}

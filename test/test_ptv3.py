@@ -15,12 +15,12 @@ from lsm_ros.model.ptv3 import (CHECKPOINT_PREFIX, PointTransformerV3LSM, PTv3Co
                                 voxel_grid)
 from lsm_ros.model.serialization import (ORDERS, encode, grid_depth, hilbert_encode, serialization_codes,
                                          z_order_encode)
-from lsm_ros.model.sparse_conv import build_neighbour_map, kernel_offsets, submanifold_conv
+from lsm_ros.model.sparse_conv import (build_neighbour_map, host_ints, kernel_offsets, neighbour_map, submanifold_conv,
+                                       voxelise)
+from host_sync import HostSyncCounter
 from lsm_ros.reference_weights import find_reference_dir, read_manifest
 
 REFERENCE = find_reference_dir()
-
-
 def _random_grid(n: int, depth: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 1 << depth, (n, 3), generator=torch.Generator().manual_seed(seed))
 
@@ -193,6 +193,63 @@ def test_kernel_tap_layout() -> None:
     assert out[:, 0].tolist() == [10.0, 0.0, 1.0]
 
 
+def test_voxelise_matches_unique_and_fetches_once() -> None:
+    generator = torch.Generator().manual_seed(11)
+    grid = torch.randint(0, 6, (400, 3), generator=generator) + torch.tensor([3, -2, 7])   # duplicates
+    with HostSyncCounter() as counter:
+        voxels, fetched = voxelise(grid, fetch=[torch.tensor(41), grid.sum()])
+    assert counter.syncs == {'_to_copy': 1} and fetched == [41, int(grid.sum())]
+    keys, inverse = torch.unique(grid, dim=0, return_inverse=True)     # lexicographic voxels
+    assert voxels.num_voxels == keys.shape[0] < 400 and not voxels.unique
+    assert voxels.lower == tuple(grid.min(0).values.tolist()) and voxels.upper == tuple(grid.max(0).values.tolist())
+    assert torch.equal(voxels.point_voxel, inverse)
+    first = [min(i for i in range(400) if inverse[i] == v) for v in range(keys.shape[0])]
+    assert voxels.voxel_rep.tolist() == first
+    with HostSyncCounter() as counter:      # bounds known: only the voxel count is fetched
+        known, _ = voxelise(grid, (voxels.lower, voxels.upper))
+    assert counter.total == 1 and torch.equal(known.point_voxel, voxels.point_voxel)
+    unique_grid = keys[torch.randperm(keys.shape[0], generator=generator)]
+    with HostSyncCounter() as counter:      # bounds and uniqueness known: nothing to fetch
+        unique, _ = voxelise(unique_grid, (voxels.lower, voxels.upper), unique=True)
+    assert counter.total == 0 and unique.unique and unique.num_voxels == keys.shape[0]
+    assert voxelise(unique_grid)[0].unique      # found unique by counting
+    assert host_ints() == []
+
+
+@pytest.mark.parametrize('kernel_size', [3, 5])
+@pytest.mark.parametrize('dense_lookup', [True, False])
+def test_neighbour_maps_need_no_host_sync_nor_integer_matmul(kernel_size: int, dense_lookup: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both lookups (dense table, binary search) for duplicate and unique voxels, against a dictionary."""
+    monkeypatch.setattr(sparse_conv, '_DENSE_LOOKUP_CELLS', 1 << 25 if dense_lookup else 0)
+    generator = torch.Generator().manual_seed(kernel_size)
+    grid = torch.randint(0, 7, (300, 3), generator=generator) * torch.tensor([1, 2, 1]) + 5
+    for points in (grid, torch.unique(grid, dim=0)):
+        voxels, _ = voxelise(points)
+        with HostSyncCounter() as counter:
+            neighbours = neighbour_map(voxels, kernel_size)
+        assert counter.total == 0 and counter.integer_matmuls == 0, (counter.syncs, counter.integer_matmuls)
+        first: dict[tuple[int, ...], int] = {}
+        for i, g in enumerate(points.tolist()):
+            first.setdefault(tuple(g), i)
+        offsets = kernel_offsets(kernel_size).tolist()
+        if voxels.unique:
+            expected = [[first.get((g[0] + dx, g[1] + dy, g[2] + dz), len(points)) for dx, dy, dz in offsets]
+                        for g in points.tolist()]
+            assert neighbours.unique and neighbours.neighbours.tolist() == expected
+        else:
+            rep = neighbours.voxel_rep.tolist()
+            voxel_of_rep = {r: v for v, r in enumerate(rep)}
+            centre, num_voxels = kernel_size ** 3 // 2, len(rep)
+            for v, r in enumerate(rep):
+                g = points[r].tolist()
+                found = [voxel_of_rep.get(first.get((g[0] + dx, g[1] + dy, g[2] + dz)), -1)
+                         for dx, dy, dz in offsets]
+                assert neighbours.upper[v].tolist() == [f if f >= 0 else 2 * num_voxels for f in found[centre + 1:]]
+                assert neighbours.lower[v].tolist() == [f + num_voxels if f >= 0 else 2 * num_voxels
+                                                        for f in found[:centre]]
+
+
 # ------------------------------------------------------------------------------------------------ levels
 def _surface_points(side: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A wavy sheet of side*side points spaced ~0.8 voxels (shared voxels occur), and 6 input features."""
@@ -220,6 +277,9 @@ def test_pooling_and_unpooling_match_loops() -> None:
         assert bool((level.codes[:, members] >> 3 == child.codes[:, j:j + 1]).all())
         torch.testing.assert_close(child.coord[j], level.coord[members].mean(0))
     assert torch.equal(torch.sort(child.codes, dim=1).values, child.codes.gather(1, child.orders))
+    assert child.voxels.unique and child.voxels.num_voxels == child.num_points
+    assert child.voxels.lower == tuple(child.grid.min(0).values.tolist())
+    assert child.voxels.upper == tuple(child.grid.max(0).values.tolist())
 
     pooling = SerializedPooling(8, 16, 1e-3).eval()
     feat = torch.randn(level.num_points, 8)
@@ -333,6 +393,43 @@ def test_tiny_model_orders(tiny_ptv3: PointTransformerV3LSM) -> None:
             tiny_ptv3(coord, feat, *tokens, serialization_order=level.orders.flip(1))
         with pytest.raises(ValueError, match='tokens'):
             tiny_ptv3(coord, feat, tokens[0][0], *tokens[1:])
+
+
+def test_tiny_model_synchronises_once_per_level(tiny_ptv3: PointTransformerV3LSM) -> None:
+    """PTv3 copies to the host once per level (level 0: bounding box and voxel count; coarser levels: their point
+    counts), also with an injected order (its checks ride along), and never multiplies integer matrices."""
+    coord, feat = _surface_points()
+    tokens = _tokens(tiny_ptv3.config)
+    levels = len(tiny_ptv3.config.enc_depths)
+    order = tiny_ptv3.level0(coord).orders
+    with torch.no_grad():
+        for injected in (None, order):
+            with HostSyncCounter() as counter:
+                tiny_ptv3(coord, feat, *tokens, serialization_order=injected)
+            assert counter.syncs == {'_to_copy': levels}, counter.syncs
+            assert counter.integer_matmuls == 0
+
+
+def test_injected_order_checks(tiny_ptv3: PointTransformerV3LSM) -> None:
+    coord, feat = _surface_points(side=20)
+    tokens = _tokens(tiny_ptv3.config)
+    order = tiny_ptv3.level0(coord).orders
+    not_permutation = order.clone()
+    not_permutation[2, 5] = not_permutation[2, 6]
+    with torch.no_grad():
+        for bad, message in ((not_permutation, 'permutations'), (order + 1, 'permutations'),
+                             (order.flip(1), 'does not sort'), (order[:, :-1], 'shape')):
+            with pytest.raises(ValueError, match=message):
+                tiny_ptv3.level0(coord, serialization_order=bad)
+            with pytest.raises(ValueError, match=message):
+                tiny_ptv3(coord, feat, *tokens, serialization_order=bad)
+    deferred = tiny_ptv3.level0(coord, serialization_order=order.flip(1), defer_checks=True)
+    with pytest.raises(ValueError, match='does not sort'):
+        deferred.pool(2)
+    with pytest.raises(ValueError, match='>= 0'):
+        tiny_ptv3.level0(coord, grid_coord=voxel_grid(coord, 0.01) - 1)
+    with pytest.raises(ValueError, match='bits'):
+        tiny_ptv3.level0(coord, grid_coord=voxel_grid(coord, 0.01) << 12)
 
 
 def test_tiny_model_is_permutation_equivariant_on_unique_voxels(tiny_ptv3: PointTransformerV3LSM) -> None:

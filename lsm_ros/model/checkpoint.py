@@ -202,6 +202,10 @@ def _entry_problem(entry: Any, data_size: int) -> str | None:
     return None
 
 
+# byte alignment of the tensors in memory (torch's allocator and its own checkpoint files align to 64 bytes)
+TENSOR_ALIGNMENT = 64
+
+
 def load_safetensors_file(path: str | os.PathLike[str], map_location: str | torch.device = 'cpu',
                           mmap: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, without pickle. ``mmap``: the tensors are views of a private
@@ -218,7 +222,9 @@ def load_safetensors_file(path: str | os.PathLike[str], map_location: str | torc
         begin, end = (data_start + offset for offset in entry['data_offsets'])
         dtype = _SAFETENSORS_DTYPES[entry['dtype']]
         raw = flat[begin:end]
-        if begin % dtype.itemsize:  # not aligned for a zero-copy view: copy this tensor
+        if begin % TENSOR_ALIGNMENT:
+            # not on a 64-byte boundary: copy it into aligned memory (a view must at least be aligned to its element
+            # size; CPU kernels also round differently for operands with other alignments than torch's 64 bytes)
             raw = raw.clone()
         tensor = raw.view(dtype).reshape(entry['shape'])
         if not mmap:
@@ -231,7 +237,8 @@ def save_safetensors_file(path: str | os.PathLike[str], tensors: Mapping[str, Te
                           metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` (a flat name -> dense tensor dict) and string ``metadata`` as a safetensors file,
     streaming one tensor at a time (no second copy of the whole file in memory). Entries are ordered by element
-    size, largest first, so every tensor starts at a multiple of its element size (zero-copy memory mapping).
+    size, largest first, so every tensor starts at a multiple of its element size (zero-copy memory mapping), and
+    the data and most tensors start on 64-byte boundaries (see TENSOR_ALIGNMENT).
     The file appears atomically (written next to ``path``, then renamed)."""
     path = Path(path)
     for name, tensor in tensors.items():
@@ -241,7 +248,11 @@ def save_safetensors_file(path: str | os.PathLike[str], tensors: Mapping[str, Te
             raise CheckpointError(f'{name!r}: dtype {tensor.dtype} has no safetensors equivalent')
     entries: dict[str, dict[str, Any]] = {}
     offset = 0
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    # largest elements first (every tensor starts at a multiple of its element size), and within an element size
+    # the tensors whose byte size is a multiple of TENSOR_ALIGNMENT first (each of those starts 64-byte aligned)
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(),
+                                              tensors[name].numel() * tensors[name].element_size() % TENSOR_ALIGNMENT
+                                              != 0, name))
     for name in order:
         tensor = tensors[name]
         nbytes = tensor.numel() * tensor.element_size()
@@ -253,7 +264,10 @@ def save_safetensors_file(path: str | os.PathLike[str], tensors: Mapping[str, Te
         header['__metadata__'] = dict(metadata)
     header.update(entries)
     encoded = json.dumps(header, separators=(',', ':')).encode('utf-8')
-    encoded += b' ' * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    # the data starts 64-byte aligned (8-byte length + header), so the tensors ordered above start on 64-byte
+    # boundaries as in torch's own files (CPU kernels take alignment-dependent paths: equally aligned weights give
+    # bit-identical results); the few others are copied into aligned memory when loaded
+    encoded += b' ' * (-(8 + len(encoded)) % TENSOR_ALIGNMENT)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .knn import knn_squared_distances
 
 SH_C0 = 0.28209479177387814  # Y_0^0 of the real spherical harmonics
 MIN_SQUARED_DISTANCE = 1e-7  # floor of the mean squared neighbour distance before the square root
@@ -46,32 +47,21 @@ def sh_degree_multipliers(sh_degree: int) -> Tensor:
 
 
 def knn_mean_squared_distance(points: Tensor, k: int = KNN_NEIGHBOURS) -> Tensor:
-    """(N,) mean of the squared distances from each point to its ``k`` nearest *other* points (exact).
+    """(N,) mean of the squared distances from each point of (N, 3) ``points`` to its ``k`` nearest *other* points.
 
-    The quantity of 3DGS's ``distCUDA2``: points at distance 0 count, squared distances are evaluated in
-    float32 as dx²+dy²+dz², sorted ascending and averaged. Neighbours are found with a k-d tree on the CPU.
+    Exact. The quantity of 3DGS's ``distCUDA2``: points at distance 0 count, squared distances are evaluated in
+    float32 as dx²+dy²+dz², sorted ascending and averaged. Computed in torch on the points' device by a Morton-range
+    search (:mod:`lsm_ros.model.knn`). A point with a non-finite coordinate is infinitely far from every point: it
+    is nobody's neighbour and its own value is +inf (as is the value of a point with fewer than ``k`` finite others).
+    Raises ``ValueError`` for ``N <= k``.
     """
-    from scipy.spatial import cKDTree
-
     if points.shape[0] <= k:
         raise ValueError(f'need more than {k} points for the neighbour distances, got {points.shape[0]}')
-    cpu = points.detach().float().cpu()
-    coords = cpu.numpy()
-    _, neighbours = cKDTree(coords.astype(np.float64)).query(coords.astype(np.float64), k=k + 1, workers=-1)
-    neighbours = torch.from_numpy(neighbours)
-    # drop the point itself (with duplicate points it need not come first), else the farthest candidate
-    own = neighbours == torch.arange(len(neighbours))[:, None]
-    drop = torch.where(own.any(dim=1), own.float().argmax(dim=1), torch.full((len(neighbours),), k))
-    keep = torch.ones_like(neighbours, dtype=torch.bool)
-    keep[torch.arange(len(neighbours)), drop] = False
-    neighbours = neighbours[keep].view(-1, k)
-    delta = cpu[neighbours] - cpu[:, None, :]
-    squared = (delta[..., 0] * delta[..., 0] + delta[..., 1] * delta[..., 1]) + delta[..., 2] * delta[..., 2]
-    squared = squared.sort(dim=1).values
+    squared = knn_squared_distances(points, k)
     total = squared[:, 0]
     for column in range(1, k):
         total = total + squared[:, column]
-    return (total / k).to(points.device)
+    return total / k
 
 
 def quaternion_xyzw_to_matrix(quaternions: Tensor, eps: float = 1e-8) -> Tensor:

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 # LSeg's logit scale: exp(log(1 / 0.07)) evaluated in float32 (a constant of LSeg, not a checkpoint entry).
 LSEG_LOGIT_SCALE: float = torch.tensor(math.log(1 / 0.07), dtype=torch.float32).exp().item()
+# The scale as the float16 label decoding applies it (rounded to float16: 14.2890625), a Python float so that no
+# tensor is made on the host for it.
+_LOGIT_SCALE_FP16: float = torch.tensor(LSEG_LOGIT_SCALE, dtype=torch.float32).half().item()
 OFFICIAL_PREFIX = 'net.'  # keys of the LSeg network inside the Lightning checkpoint's 'state_dict'
 CLIP_PREFIX = 'clip_pretrained.'
 # Official entries that the features and the text encoder do not use: CLIP's image tower and logit scale, the
@@ -273,7 +276,8 @@ def decode_labels(features: Tensor, text_features_normalized: Tensor) -> Tensor:
     float32.
 
     Every pixel's feature is L2-normalised in float32 and cast to float16, multiplied by
-    :data:`LSEG_LOGIT_SCALE` (the product rounded to float16), and multiplied with the text features in float16
+    :data:`LSEG_LOGIT_SCALE` rounded to float16 (as torch multiplies a float16 tensor by a float32 0-dim tensor;
+    the product rounded to float16), and multiplied with the text features in float16
     (cast to float16 if they are not); the float16 logits are returned as float32.
     """
     batch, channels, height, width = features.shape
@@ -282,8 +286,9 @@ def decode_labels(features: Tensor, text_features_normalized: Tensor) -> Tensor:
                          'channels')
     pixels = features.permute(0, 2, 3, 1).reshape(-1, channels)
     pixels = pixels / pixels.norm(dim=-1, keepdim=True)
-    logit_scale = torch.tensor(LSEG_LOGIT_SCALE, dtype=torch.float32, device=features.device)
-    logits = (logit_scale * pixels.half()) @ text_features_normalized.to(torch.float16).t()
+    # float16 x float32 0-dim tensor computes in float16 (the scale rounded to float16): the same product, exact
+    # in float32 and rounded once, with the scale as a Python float
+    logits = (pixels.half() * _LOGIT_SCALE_FP16) @ text_features_normalized.to(torch.float16).t()
     return logits.float().view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 

@@ -34,7 +34,7 @@ from .checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, args_model_string,
 from .clip_text import ClipTextConfig, ClipTextEncoder
 from .dust3r import Dust3rConfig, Dust3rNet
 from .gaussian_head import GaussianHead, GaussianHeadConfig, knn_mean_squared_distance
-from .layers import autocast
+from .layers import autocast, fp32_matmul
 from .lseg import LSegConfig, LSegFeatureExtractor, decode_labels, load_lseg_checkpoint, upsample_logits
 from .ptv3 import PointTransformerV3LSM, PTv3Config
 
@@ -106,6 +106,20 @@ class LsmConfig:
         return cls(ptv3=ptv3, head=head)
 
 
+def _per_sample(value: Tensor | Sequence[Tensor] | None, name: str, batch: int) -> Sequence[Tensor] | None:
+    """A per-sample input of :meth:`LargeSpatialModel.gaussians`: one 2-D tensor (batch 1), a 3-D stack of them
+    or a sequence of them (one per sample)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() not in (2, 3):
+            raise ValueError(f'{name} must be a 2-D tensor (batch 1) or one per sample, got {tuple(value.shape)}')
+        value = [value] if value.dim() == 2 else list(value.unbind(0))
+    if len(value) != batch:
+        raise ValueError(f'{len(value)} {name} tensors for a batch of {batch}')
+    return value
+
+
 def merge_points(pts3d_1: Tensor, pts3d_2: Tensor, img1: Tensor, img2: Tensor
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both views' points and colours of one sample, normalised as PTv3 receives them.
@@ -161,7 +175,7 @@ class LargeSpatialModel(nn.Module):
         batch = img1.shape[0]
         with autocast(precision, img1.device):
             features = self.lseg(torch.cat([img1, img2]))
-        with autocast('fp32', img1.device):
+        with fp32_matmul(precision, img1.device):   # TF32 allowed on CUDA unless precision is 'fp32'
             features = features.float()
             tokens = F.avg_pool2d(features, TOKEN_POOL)
             tokens = tokens.unflatten(0, (2, batch)).permute(1, 0, 3, 4, 2).flatten(1, 3)  # (v b) c h w -> b (v h w) c
@@ -171,31 +185,35 @@ class LargeSpatialModel(nn.Module):
 
     @torch.no_grad()
     def gaussians(self, img1: Tensor, img2: Tensor, geometry: Mapping[str, Tensor], semantics: Mapping[str, Tensor],
-                  serialization_order: Tensor | Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+                  serialization_order: Tensor | Sequence[Tensor] | None = None,
+                  grid_coord: Tensor | Sequence[Tensor] | None = None, precision: str = 'fp32') -> dict[str, Tensor]:
         """PTv3 over the merged points, then the Gaussian head; one row per Gaussian, rows (batch, view, row, col).
 
         ``serialization_order``: the level-0 orders to use, (4, 2HW) int64 (batch 1) or one per sample; None
-        sorts the codes (stable sort: ties in shared voxels keep pixel order). Returns ``means`` (M,3),
-        ``scales`` (M,3), ``rotations`` (M,4) unit quaternions (x, y, z, w), ``opacities`` (M,1) in (0,1),
-        ``sh`` (M,16,3) degree-3 SH (DC first, RGB last), ``features`` (M,64), plus ``covariances`` (M,3,3),
-        ``point_features`` (M,64) (PTv3 output), ``knn_mean_sq_dist`` (M,), ``center`` (B,3), ``scale`` (B,),
-        with M = B·2·H·W. Runs in float32, also inside an autocast.
+        sorts the codes (stable sort: ties in shared voxels keep pixel order). ``grid_coord``: the level-0 voxel
+        grid to use (PTv3's name), (2HW, 3) int (batch 1) or one per sample; None computes it from the merged
+        points (``trunc((coord - min coord) / 0.01)``). Both reproduce a recorded run exactly where the voxel
+        boundaries are sensitive to float32 rounding (reference README §5.6). ``precision``: 'fp32' (default) runs
+        PTv3 and the head in exact float32; 'bf16' / 'fp16' keep float32 but allow TF32 matrix products and
+        convolutions on CUDA (no effect on the CPU). Returns ``means`` (M,3), ``scales`` (M,3), ``rotations``
+        (M,4) unit quaternions (x, y, z, w), ``opacities`` (M,1) in (0,1), ``sh`` (M,16,3) degree-3 SH (DC first,
+        RGB last), ``features`` (M,64), plus ``covariances`` (M,3,3), ``point_features`` (M,64) (PTv3 output),
+        ``knn_mean_sq_dist`` (M,), ``center`` (B,3), ``scale`` (B,), with M = B·2·H·W. Runs in float32, also
+        inside an autocast.
         """
         batch = img1.shape[0]
-        if serialization_order is not None and isinstance(serialization_order, Tensor) \
-                and serialization_order.dim() == 2:
-            serialization_order = [serialization_order]
-        if serialization_order is not None and len(serialization_order) != batch:
-            raise ValueError(f'{len(serialization_order)} serialization orders for a batch of {batch}')
+        serialization_order = _per_sample(serialization_order, 'serialization_order', batch)
+        grid_coord = _per_sample(grid_coord, 'grid_coord', batch)
         residual = semantics['lseg_res_feature'].unflatten(0, (2, batch))  # (v b) c h w
         per_sample: list[dict[str, Tensor]] = []
-        with autocast('fp32', img1.device):
+        with fp32_matmul(precision, img1.device):
             for b in range(batch):
                 coord, color, center, scale = merge_points(geometry['pts3d_1'][b], geometry['pts3d_2'][b],
                                                            img1[b], img2[b])
                 point_features = self.point_transformer(
                     coord, torch.cat([coord, color], dim=1), geometry['enc_feat'][b:b + 1],
                     semantics['lseg_token_feature'][b:b + 1], semantics['lseg_token_feature'][b:b + 1],
+                    grid_coord=None if grid_coord is None else grid_coord[b],
                     serialization_order=None if serialization_order is None else serialization_order[b])
                 means = coord * scale[0] + center[0]
                 out = self.gaussian_head(point_features, means, color,

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Mlp
-from .serialization import ORDERS, grid_depth, serialization_codes
-from .sparse_conv import NeighbourMap, build_neighbour_map, submanifold_conv
+from .serialization import MAX_DEPTH, ORDERS, serialization_codes
+from .sparse_conv import NeighbourMap, Voxels, host_ints, neighbour_map, submanifold_conv, voxelise
 
 _log = logging.getLogger(__name__)
 
@@ -103,8 +103,13 @@ def _inverse_permutation(order: Tensor) -> Tensor:
 
 @dataclass
 class PointLevel:
-    """The points of one level of the hierarchy: voxel grid (n,3) int64, mean coordinates (n,3), serialization depth, codes /
-    orders / inverse orders (R, n) int64, and for levels >= 1 the cluster (n_parent,) of every parent point."""
+    """The points of one level of the hierarchy: voxel grid (n,3) int64, mean coordinates (n,3), serialization
+    depth, codes / orders / inverse orders (R, n) int64, the occupied voxels (:class:`Voxels`, with the grid's
+    bounding box on the host), and for levels >= 1 the cluster (n_parent,) of every parent point.
+
+    ``pending_checks``: (device bool scalar, error message) pairs of input checks whose results have not been
+    copied to the host yet; :meth:`pool` fetches them with its point count (no extra synchronisation), and
+    :meth:`run_pending_checks` on its own."""
 
     grid: Tensor
     coord: Tensor
@@ -112,7 +117,9 @@ class PointLevel:
     codes: Tensor
     orders: Tensor
     inverses: Tensor
+    voxels: Voxels
     cluster: Tensor | None = None
+    pending_checks: list[tuple[Tensor, str]] = field(default_factory=list)
     _maps: dict[int, NeighbourMap] = field(default_factory=dict)
 
     @property
@@ -120,27 +127,56 @@ class PointLevel:
         return self.grid.shape[0]
 
     def neighbour_map(self, kernel_size: int) -> NeighbourMap:
-        """The sparse-convolution neighbour map for this kernel size, built once per level."""
+        """The sparse-convolution neighbour map for this kernel size, built once per level (no host sync)."""
         if kernel_size not in self._maps:
-            self._maps[kernel_size] = build_neighbour_map(self.grid, kernel_size)
+            self._maps[kernel_size] = neighbour_map(self.voxels, kernel_size)
         return self._maps[kernel_size]
 
+    def run_pending_checks(self) -> None:
+        """Copy the results of :attr:`pending_checks` to the host (one synchronisation) and raise ValueError for
+        the first that failed."""
+        checks, self.pending_checks = self.pending_checks, []
+        _raise_failed(checks, host_ints(*(flag for flag, _ in checks)))
+
     def pool(self, stride: int) -> 'PointLevel':
-        """The next level: clusters are the distinct row-0 codes ``>> 3*log2(stride)``, in ascending order."""
+        """The next level: clusters are the distinct row-0 codes ``>> 3*log2(stride)``, in ascending order.
+
+        One host synchronisation: the number of clusters (with the pending checks). Row 0 of ``orders`` sorts
+        row 0 of ``codes``, so the clusters are the runs of equal shifted codes along it; the coarser voxels are
+        unique and their bounding box follows from this level's."""
         shift = (stride - 1).bit_length()
         if shift > self.depth:
             shift = 0
         codes = self.codes >> (3 * shift)
-        cluster_codes, cluster, counts = torch.unique(codes[0], sorted=True, return_inverse=True, return_counts=True)
-        n = self.num_points
-        head = torch.full_like(cluster_codes, n).scatter_reduce_(
+        order = self.orders[0]
+        sorted_codes = codes[0].index_select(0, order)
+        starts = torch.ones_like(sorted_codes, dtype=torch.bool)
+        starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        rank = starts.cumsum(0) - 1
+        cluster = torch.empty_like(rank).scatter_(0, order, rank)
+        checks, self.pending_checks = self.pending_checks, []
+        fetched = host_ints(rank[-1] + 1, *(flag for flag, _ in checks))
+        _raise_failed(checks, fetched[1:])
+        num_clusters, n = fetched[0], self.num_points
+        head = torch.full((num_clusters,), n, dtype=torch.long, device=cluster.device).scatter_reduce_(
             0, cluster, torch.arange(n, device=cluster.device), 'amin')
+        counts = torch.zeros(num_clusters, dtype=self.coord.dtype, device=cluster.device).index_add_(
+            0, cluster, torch.ones(n, dtype=self.coord.dtype, device=cluster.device))
         codes = codes[:, head]
         orders = torch.argsort(codes, dim=1, stable=True)
-        coord = self.coord.new_zeros((head.shape[0], 3)).index_add_(0, cluster, self.coord)
-        coord = coord / counts[:, None].to(coord.dtype)
-        return PointLevel(self.grid[head] >> shift, coord, self.depth - shift, codes, orders,
-                      _inverse_permutation(orders), cluster)
+        coord = self.coord.new_zeros((num_clusters, 3)).index_add_(0, cluster, self.coord)
+        coord = coord / counts[:, None]
+        grid = self.grid[head] >> shift
+        bounds = (tuple(v >> shift for v in self.voxels.lower), tuple(v >> shift for v in self.voxels.upper))
+        voxels, _ = voxelise(grid, bounds, unique=True)
+        return PointLevel(grid, coord, self.depth - shift, codes, orders, _inverse_permutation(orders), voxels,
+                          cluster)
+
+
+def _raise_failed(checks: list[tuple[Tensor, str]], results: list[int]) -> None:
+    for (_, message), passed in zip(checks, results):
+        if not passed:
+            raise ValueError(message)
 
 
 class SubMConv3d(nn.Module):
@@ -363,27 +399,59 @@ class PointTransformerV3LSM(nn.Module):
                                                           ln_eps=cfg.ln_eps)
 
     def level0(self, coord: Tensor, grid_coord: Tensor | None = None,
-               serialization_order: Tensor | None = None) -> PointLevel:
-        """Level 0: the voxel grid (computed from ``coord`` (N,3) unless given), codes and orders.
+               serialization_order: Tensor | None = None, *, defer_checks: bool = False) -> PointLevel:
+        """Level 0: the voxel grid (computed from ``coord`` (N,3) unless given as ``grid_coord`` (N,3) int, the
+        official PTv3 name), its occupied voxels, codes and orders.
 
         Without ``serialization_order`` the orders are a *stable* argsort of the codes: deterministic on every
         device. The official code uses torch's non-stable sort, whose order among points of one voxel (equal
         codes) is unspecified and changes the outputs where such a group straddles a patch boundary; pass the
-        official order (R, N) to reproduce a recorded run."""
-        grid = (voxel_grid(coord, self.config.grid_size) if grid_coord is None else grid_coord).long()
+        official order (R, N) to reproduce a recorded run. It is checked to be a permutation that sorts the codes;
+        the second check waits for the next host synchronisation (:meth:`PointLevel.pool`) with
+        ``defer_checks``, else runs here. One host synchronisation (the bounding box and voxel count, with the
+        permutation check) unless a check runs here."""
+        n = coord.shape[0]
+        if coord.dim() != 2 or coord.shape[1] != 3 or n == 0:
+            raise ValueError(f'coord must be (N >= 1, 3), got {tuple(coord.shape)}')
+        if grid_coord is None:
+            grid = voxel_grid(coord, self.config.grid_size).long()
+        else:
+            if grid_coord.is_floating_point() or grid_coord.is_complex() or grid_coord.dtype == torch.bool:
+                raise ValueError(f'grid_coord must be an integer tensor, got {grid_coord.dtype}')
+            grid = grid_coord.to(device=coord.device, dtype=torch.long)
         if grid.shape != coord.shape:
             raise ValueError(f'grid_coord shape {tuple(grid.shape)} != coord shape {tuple(coord.shape)}')
-        depth = grid_depth(grid)
+        num_orders = len(self.config.orders)
+        fetch: list[Tensor] = []
+        if serialization_order is not None:
+            orders = serialization_order.to(device=coord.device, dtype=torch.long)
+            if orders.shape != (num_orders, n):
+                raise ValueError(f'serialization_order shape {tuple(orders.shape)} != {(num_orders, n)}')
+            in_range = ((orders >= 0) & (orders < n)).all()
+            orders = orders.clamp(0, n - 1)     # safe to gather with before the check's result is known
+            hits = torch.zeros_like(orders).scatter_add_(1, orders, torch.ones_like(orders))
+            fetch.append(in_range & (hits == 1).all())
+        voxels, fetched = voxelise(grid, fetch=fetch)
+        if min(voxels.lower) < 0:
+            raise ValueError(f'voxel coordinates must be >= 0, got a minimum of {voxels.lower}')
+        depth = max(voxels.upper).bit_length()
+        if depth > MAX_DEPTH:
+            raise ValueError(f'voxel coordinates up to {max(voxels.upper)} need {depth} bits per axis; PTv3 '
+                             f'serializes at most {MAX_DEPTH}')
         codes = serialization_codes(grid, depth, self.config.orders)
+        checks: list[tuple[Tensor, str]] = []
         if serialization_order is None:
             orders = torch.argsort(codes, dim=1, stable=True)
         else:
-            orders = serialization_order.to(device=codes.device, dtype=torch.long)
-            if orders.shape != codes.shape:
-                raise ValueError(f'serialization_order shape {tuple(orders.shape)} != {tuple(codes.shape)}')
-            if not bool((codes.gather(1, orders).diff(dim=1) >= 0).all()):
-                raise ValueError('serialization_order does not sort the serialization codes of grid_coord')
-        return PointLevel(grid, coord, depth, codes, orders, _inverse_permutation(orders))
+            if not fetched[0]:
+                raise ValueError(f'serialization_order rows must be permutations of range({n})')
+            checks.append(((codes.gather(1, orders).diff(dim=1) >= 0).all(),
+                           'serialization_order does not sort the serialization codes of grid_coord'))
+        level = PointLevel(grid, coord, depth, codes, orders, _inverse_permutation(orders), voxels,
+                           pending_checks=checks)
+        if not defer_checks:
+            level.run_pending_checks()
+        return level
 
     def forward(self, coord: Tensor, feat: Tensor, dust_tokens: Tensor | None = None,
                 lseg_tokens: Tensor | None = None, multi_scale_tokens: Tensor | None = None, *,
@@ -399,6 +467,9 @@ class PointTransformerV3LSM(nn.Module):
         - intermediates: filled, when a dict, with ``n_points`` (levels,), ``order0`` (R, N), and per level L
           ``enc{L}_grid_coord`` (n_L, 3), ``enc{L}_feat``, ``dec{L}_feat``, and ``decoder_block_dust_feat``,
           ``decoder_block_lseg_feat`` (bottom level), ``decoder_block_multi_scale_feat``, all in level order.
+
+        Host synchronisations: one per level (level 0: the grid's bounding box and voxel count; each coarser
+        level: its point count, which fixes the shapes of its patches); none in the decoder.
         """
         cfg = self.config
         tokens = {'dust': (cfg.cross_dust, dust_tokens), 'lseg': (cfg.cross_lseg, lseg_tokens),
@@ -408,7 +479,7 @@ class PointTransformerV3LSM(nn.Module):
                 raise ValueError(f'{name}_tokens must be a (1, T, C) tensor, got '
                                  f'{None if value is None else tuple(value.shape)}')
         record = intermediates if intermediates is not None else {}
-        level = self.level0(coord, grid_coord, serialization_order)
+        level = self.level0(coord, grid_coord, serialization_order, defer_checks=True)
         levels = [level]
         record['order0'] = level.orders
         num_orders = len(cfg.orders)
@@ -426,6 +497,7 @@ class PointTransformerV3LSM(nn.Module):
             skips.append(feat)
             record[f'enc{s}_grid_coord'] = level.grid
             record[f'enc{s}_feat'] = feat
+        level.run_pending_checks()    # a model without pooling: the level-0 checks not yet fetched
         n_points = [lv.num_points for lv in levels]
         _log.debug('PTv3 points per level: %s', n_points)
         record['n_points'] = torch.tensor(n_points)

@@ -65,7 +65,8 @@ def encode(grid: Tensor, depth: int, order: str, batch: Tensor | None = None) ->
     if order not in ORDERS:
         raise ValueError(f'unknown serialization order {order!r}; expected one of {ORDERS}')
     if order.endswith('-trans'):
-        grid = grid[:, [1, 0, 2]]
+        x, y, z = grid.unbind(-1)
+        grid = torch.stack([y, x, z], dim=-1)     # (no index list: that would be a host-to-device copy)
     code = z_order_encode(grid, depth) if order.startswith('z') else hilbert_encode(grid, depth)
     if batch is not None:
         code = (batch.long() << (3 * depth)) | code
@@ -81,5 +82,6 @@ def serialization_codes(grid: Tensor, depth: int, orders: Sequence[str] = ORDERS
 
 
 def grid_depth(grid: Tensor) -> int:
-    """``bit_length(max(grid))``: the number of bits per axis that PTv3 serializes."""
+    """``bit_length(max(grid))``: the number of bits per axis that PTv3 serializes (a host synchronisation on an
+    accelerator; PTv3 takes it from the bounds its voxelisation fetches instead)."""
     return int(grid.max()).bit_length() if grid.numel() else 0
