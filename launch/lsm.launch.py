@@ -16,6 +16,9 @@ starts it as a lifecycle node (its parameter ``managed`` set to true: it waits u
 'inactive'; ``autostart:=false`` leaves the transitions to you or a lifecycle manager
 (``ros2 lifecycle set /lsm/lsm_node configure``, ``... activate``).
 
+RViz2 (``use_rviz:=true``) opens config/lsm.rviz with its fixed frame set by ``fixed_frame`` (default ``cam0``, the
+demo's left optical frame): give your left camera's optical frame, or a robot frame TF connects it to.
+
 Network: the node keeps the environment's ROS settings; with ROS_AUTOMATIC_DISCOVERY_RANGE unset it stays on
 localhost (export ROS_AUTOMATIC_DISCOVERY_RANGE=SUBNET to reach other machines).
 """
@@ -43,6 +46,7 @@ INPUT_REMAPS = (
 STRING_OVERRIDES = ('device', 'dust3r_checkpoint', 'lseg_checkpoint', 'lsm_checkpoint')
 BOOL_OVERRIDES = ('publish_tf',)
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+DEFAULT_FIXED_FRAME = 'cam0'   # the left optical frame of the demo's stereo stream (config/lsm.rviz's own)
 
 
 def _as_bool(name, value):
@@ -89,7 +93,7 @@ def _launch_setup(context, *args, **kwargs):
     if _as_bool('use_rviz', value('use_rviz')):
         rviz_config = os.path.join(get_package_share_directory(PACKAGE), 'config', 'lsm.rviz')
         actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
-                            arguments=['-d', rviz_config]))
+                            arguments=['-d', rviz_config, '--fixed-frame', value('fixed_frame')]))
     return actions
 
 
@@ -111,6 +115,9 @@ def generate_launch_description():
         DeclareLaunchArgument('publish_tf', default_value='',
                               description="true/false: broadcast left -> right camera on /tf (empty: params_file's)"),
         DeclareLaunchArgument('use_rviz', default_value='false', description='also start RViz2 with config/lsm.rviz'),
+        DeclareLaunchArgument('fixed_frame', default_value=DEFAULT_FIXED_FRAME,
+                              description="RViz2's fixed frame (e.g. your robot's base or the left camera's optical "
+                                          'frame); the products are in the left camera frame'),
         DeclareLaunchArgument('managed', default_value='false',
                               description='true: start lsm_node as a lifecycle node that waits for configure and '
                                           'activate; false: it configures and activates itself'),

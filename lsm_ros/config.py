@@ -121,16 +121,23 @@ class PipelineConfig:
         'small point-map changes move points across PTv3 voxels. Always float32: the point-map exp post-processing, '
         'point merging and voxelisation, PTv3, kNN and the Gaussian head (CLIP text features and label '
         'decoding are float16, as in the official code).', choices=PRECISIONS, read_only=True)
+    cuda_graphs: bool = _param(
+        False, 'CUDA only (no effect on the CPU): capture DUSt3R and LSeg, whose input shape is fixed, in CUDA graphs '
+        'and replay them (one capture per resolution and precision, on the first pair: that pair is slower; the '
+        'graphs keep their activation memory). Same results as eager execution.', read_only=True)
+    cuda_streams: bool = _param(
+        False, 'CUDA only (no effect on the CPU): run LSeg on a second CUDA stream beside DUSt3R, and PTv3 with the '
+        'Gaussian head there beside the camera recovery. Same results as one stream.', read_only=True)
     min_confidence: float = _param(
         1.0, 'Points and depth pixels with a DUSt3R confidence below this are dropped (NaN in depth). '
         'Confidence is 1 + exp(c) >= 1, so 1.0 keeps everything.', min_value=1.0, max_value=1.0e6)
     pose_reprojection_error_px: float = _param(
-        5.0, 'PnP-RANSAC inlier threshold (pixels at model resolution) for the relative pose.',
+        5.0, 'Inlier threshold of the relative-pose RANSAC (PnP, pixels at model resolution).',
         min_value=0.1, max_value=100.0)
     pose_ransac_iterations: int = _param(
-        100, 'PnP-RANSAC iterations for the relative pose.', min_value=1, max_value=100000)
+        100, 'Relative-pose RANSAC rounds: 8 x this many 6-point PnP hypotheses, scored together on the device.', min_value=1, max_value=100000)
     pose_max_points: int = _param(
-        8192, 'At most this many confident pixels (chosen deterministically) enter PnP-RANSAC.',
+        8192, 'At most this many confident pixels (chosen deterministically) enter the PnP RANSAC.',
         min_value=16, max_value=1 << 20)
 
 
@@ -148,10 +155,12 @@ class NodeConfig:
         True, 'Pair left/right images whose stamps differ by at most sync_tolerance_s (false: equal stamps '
         'only, as from a hardware-synchronised stereo camera).')
     sync_tolerance_s: float = _param(
-        0.02, 'Largest left/right stamp difference (seconds) paired when approximate_sync is true.',
+        0.02, 'Largest left/right stamp difference (seconds) paired when approximate_sync is true. Also answers to '
+        "stereo_image_proc's name approximate_sync_tolerance_seconds.",
         min_value=0.0, max_value=10.0)
     sync_queue_size: int = _param(
-        10, 'Images kept per side while waiting for their partner.', min_value=1, max_value=1000)
+        10, 'Images kept per side while waiting for their partner. Also answers to stereo_image_proc\'s name '
+        'queue_size.', min_value=1, max_value=1000)
     use_camera_info: bool = _param(
         True, 'Use left/camera_info and right/camera_info: real intrinsics, and metric scale from a calibrated '
         'stereo baseline (right P[0,3] = -fx*B). A pair without matching CameraInfo is then rejected. '
@@ -168,11 +177,17 @@ class NodeConfig:
         0.0, 'Reject pairs whose stamp is older than this (seconds, node clock); 0 disables the check. Pairs '
         'not newer than the last processed pair are always rejected.', min_value=0.0, max_value=3600.0)
     publish_tf: bool = _param(
-        False, 'Also broadcast the estimated pose of the right camera in the left camera frame on /tf.')
+        False, 'Also broadcast the estimated pose of the right camera in the left camera frame on /tf, as the frame '
+        'estimated_right_frame_id.')
     left_frame_id: str = _param(
         '', "Frame of all products (the left camera's optical frame). Empty: the left image's header.frame_id.")
     right_frame_id: str = _param(
-        '', "Child frame of the relative pose and /tf. Empty: the right image's header.frame_id.")
+        '', "Frame of the right camera's products (~/right/depth, ~/right/camera_info). Empty: the right image's "
+        'header.frame_id.')
+    estimated_right_frame_id: str = _param(
+        '', "Frame of the estimated right camera: the child frame of /tf (publish_tf) and the frame ~/relative_pose "
+        "places in the left frame. Empty: the right camera's frame + '_estimated'. Never the right image's own frame, "
+        'which robot_state_publisher (the URDF) owns.')
     point_stride: int = _param(
         1, 'Publish every n-th pixel (in rows and columns) of each view in ~/points.', min_value=1, max_value=64)
     labels: tuple[str, ...] = _param(
@@ -184,6 +199,14 @@ class NodeConfig:
     overlay_alpha: float = _param(
         0.5, 'Opacity of the label colours over the left model image in ~/semantic/overlay (0: image only, '
         '1: colours only).', min_value=0.0, max_value=1.0)
+    query_cluster_distance: float = _param(
+        0.05, 'Clustering distance of the 3-D answers of ~/query (detections): two points of a phrase at most this '
+        'far apart belong to the same object (exact single linkage). In the reconstruction\'s units: metres when the '
+        'scale is metric (calibrated stereo baseline), else the model\'s units (scene depths of order 1). A request\'s '
+        'cluster_distance > 0 overrides it.', min_value=1.0e-4, max_value=100.0)
+    query_min_cluster_points: int = _param(
+        10, 'Objects of fewer points than this are left out of the detections of ~/query (their points stay in the '
+        'phrase\'s cloud).', min_value=1, max_value=1000000)
     render_views: tuple[str, ...] = _param(
         (), 'Virtual views rendered from the semantic Gaussians after every reconstruction, published as rgb8 on '
         '~/render/<view>/image with ~/render/<view>/camera_info (model size, stamp of the pair): \'left\' (the left '
@@ -229,10 +252,24 @@ def parameter_specs(config_cls: type) -> list[ParameterSpec]:
     return specs
 
 
+# Other names of node parameters, as stereo_image_proc spells them: declared too, always equal to the parameter they
+# name (setting one sets both; one request giving them different values is refused).
+PARAMETER_ALIASES = {'approximate_sync_tolerance_seconds': 'sync_tolerance_s', 'queue_size': 'sync_queue_size'}
+
+
+def alias_specs() -> list[ParameterSpec]:
+    """The :class:`ParameterSpec` of every :data:`PARAMETER_ALIASES` name: its parameter's, renamed."""
+    specs = {spec.name: spec for cls in CONFIG_SECTIONS for spec in parameter_specs(cls)}
+    return [dataclasses.replace(specs[target], name=alias, description=(
+        f"stereo_image_proc's name of {target} (the same value: setting one sets both). "
+        + specs[target].description.split(' Also answers to')[0])) for alias, target in PARAMETER_ALIASES.items()]
+
+
 def all_parameter_specs() -> Iterator[ParameterSpec]:
-    """Every ROS parameter of ``lsm_node``: the pipeline's fields, then the node's."""
+    """Every ROS parameter of ``lsm_node``: the pipeline's fields, the node's, then the aliases."""
     for cls in CONFIG_SECTIONS:
         yield from parameter_specs(cls)
+    yield from alias_specs()
 
 
 def config_from_mapping(config_cls: type, values: Mapping[str, Any], *, strict: bool = True) -> Any:

@@ -45,20 +45,24 @@ SUBSCRIPTION_DOCS: dict[str, tuple[str, str]] = {
     'RIGHT_INFO_TOPIC': ('sensor_msgs/CameraInfo', 'right calibration; P[0,3] = -fx·B gives the metric baseline B'),
 }
 PUBLICATION_DOCS: dict[str, tuple[str, str]] = {
-    'POINTS_TOPIC': ('sensor_msgs/PointCloud2', 'both views merged: x, y, z, rgb, confidence (and label with the '
-                                                'semantic model), left optical frame'),
+    'POINTS_TOPIC': ('sensor_msgs/PointCloud2', 'both views merged: x, y, z, rgb, confidence (and a uint32 label, '
+                                                "PCL's PointXYZRGBL label, with the semantic model), left optical "
+                                                'frame'),
     'LEFT_DEPTH_TOPIC': ('sensor_msgs/Image', '32FC1 depth of the left view at model resolution, NaN invalid'),
     'RIGHT_DEPTH_TOPIC': ('sensor_msgs/Image', '32FC1 depth of the right view, in the right frame'),
     'LEFT_MODEL_INFO_TOPIC': ('sensor_msgs/CameraInfo', 'intrinsics of the left depth image (model resolution)'),
     'RIGHT_MODEL_INFO_TOPIC': ('sensor_msgs/CameraInfo', 'intrinsics of the right depth image'),
-    'RELATIVE_POSE_TOPIC': ('geometry_msgs/PoseStamped', 'pose of the right camera in the left frame (when PnP '
-                                                         'succeeds)'),
+    'RELATIVE_POSE_TOPIC': ('geometry_msgs/PoseStamped', 'pose of the estimated right camera in the left frame (when '
+                                                         'the pose succeeds)'),
     'INFO_TOPIC': ('lsm_ros/ReconstructionInfo', 'per pair: scale flag and source, baseline, intrinsics source, '
                                                  'sizes, timings, labels'),
     'SEMANTIC_LABELS_TOPIC': ('sensor_msgs/Image', 'semantic model: mono8 label (index into labels) of each left '
                                                    'pixel'),
     'SEMANTIC_OVERLAY_TOPIC': ('sensor_msgs/Image', 'semantic model: rgb8 label colours over the left model image'),
-    'TF_TOPIC': ('tf2_msgs/TFMessage', 'left → right camera (and left → midway view), only with publish_tf'),
+    'SEMANTIC_LABEL_INFO_TOPIC': ('vision_msgs/LabelInfo', 'semantic model: the active labels (class_id i: labels[i]), '
+                                  'transient local, republished when the label set changes'),
+    'TF_TOPIC': ('tf2_msgs/TFMessage', 'left → estimated right camera (estimated_right_frame_id, default <right '
+                                       'frame>_estimated; and left → midway view), only with publish_tf'),
     'DIAGNOSTICS_TOPIC': ('diagnostic_msgs/DiagnosticArray', 'node health every diagnostics_period_s (default 1 s), '
                                                              'in every lifecycle state: see Diagnostics'),
 }

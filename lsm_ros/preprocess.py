@@ -76,6 +76,54 @@ class ImageCrop:
         """(3,3) camera matrix of the model image -> the camera matrix of the input image."""
         return np.linalg.inv(self._input_to_model_affine()) @ _as_intrinsics(K_model)
 
+    def pixels_to_input(self, pixels_model: np.ndarray) -> np.ndarray:
+        """(...,2) pixel coordinates of the model image -> the same points in the input image (the inverse of
+        :meth:`pixels_to_model`)."""
+        a = np.linalg.inv(self._input_to_model_affine())
+        p = np.asarray(pixels_model, dtype=np.float64)
+        return p @ a[:2, :2].T + a[:2, 2]
+
+    def model_index_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """The model pixel that holds each input pixel's centre (nearest neighbour, the inverse of the resize and
+        crop): ``(columns (W_in,), rows (H_in,))`` int64 model column of each input column and model row of each
+        input row; -1 where the input pixel lies outside the crop (the model did not see it).
+
+        Input pixel ``x`` has its centre at resized coordinate ``(x + 0.5) * s`` (pixel edges at integers), inside
+        resized pixel ``floor((x + 0.5) * s)``, which is model pixel ``floor((x + 0.5) * s) - left``; computed in
+        integers (``s`` = resized / input size), so a centre exactly on an edge goes to the next pixel.
+        """
+        maps = []
+        for axis in (0, 1):
+            low = self.crop_box[axis]
+            size = self.crop_box[axis + 2] - low
+            twice_centre = 2 * np.arange(self.input_size[axis], dtype=np.int64) + 1
+            index = twice_centre * self.resized_size[axis] // (2 * self.input_size[axis]) - low
+            index[(index < 0) | (index >= size)] = -1
+            maps.append(index)
+        return maps[0], maps[1]
+
+    def input_region(self) -> tuple[int, int, int, int]:
+        """``(x_offset, y_offset, width, height)`` of the input pixels the model saw (those whose centre lies in
+        the crop: :meth:`model_index_maps` >= 0); a rectangle, (0, 0, 0, 0) if none."""
+        columns, rows = self.model_index_maps()
+        seen_x, seen_y = np.flatnonzero(columns >= 0), np.flatnonzero(rows >= 0)
+        if not seen_x.size or not seen_y.size:
+            return 0, 0, 0, 0
+        return (int(seen_x[0]), int(seen_y[0]), int(seen_x[-1] - seen_x[0] + 1), int(seen_y[-1] - seen_y[0] + 1))
+
+    def image_to_input(self, image_model: np.ndarray, fill: float | int | bool = 0) -> np.ndarray:
+        """An image of the model size, (h, w[, C]), resampled to the input size (H_in, W_in[, C]) by nearest
+        neighbour (:meth:`model_index_maps`); ``fill`` where the model did not see the input image."""
+        image_model = np.asarray(image_model)
+        model_width, model_height = self.model_size
+        if image_model.shape[:2] != (model_height, model_width):
+            raise ValueError(f'image of shape {image_model.shape} is not of the model size {model_width}x'
+                             f'{model_height} (width x height) of this crop')
+        columns, rows = self.model_index_maps()
+        out = image_model[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
+        out[(rows < 0)[:, None] | (columns < 0)[None, :]] = fill
+        return out
+
 
 @dataclass(frozen=True)
 class PreprocessedImage:

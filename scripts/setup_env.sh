@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up lsm_ros on a machine with no ROS installation: a virtual environment (.venv/ at the repository
-# root) with the ROS 2 Kilted wheels, pinned CPU torch and the ML stack, tf2_msgs and this package's own
-# interfaces generated with cmake, and the package installed (console commands lsm-ros and lsm_node).
+# root) with the ROS 2 Kilted wheels, pinned CPU torch and the ML stack, colcon, tf2_msgs, vision_msgs and this
+# package's own interfaces generated with cmake, and the package installed (console commands lsm-ros and lsm_node).
 #
 # Idempotent: each step records a stamp (the hash of its inputs) in .venv/.lsm_ros_setup/ and is skipped
 # when its inputs did not change. Prints what it does.
@@ -48,7 +48,7 @@ if stamp_ok wheels "$WHEEL_KEY"; then
   say "python packages up to date"
 else
   say "installing pinned python packages (torch 2.13.0 CPU, torchvision, timm, open_clip, gsplat, ...)"
-  pip_quiet install --upgrade pip 'setuptools>=68' wheel
+  pip_quiet install --upgrade pip 'setuptools>=68,<80' wheel  # colcon-core needs setuptools<80
   pip_quiet install -c "$ROOT/constraints.txt" -r "$ROOT/requirements.txt"
   say "installing ROS 2 Kilted wheels (rclpy, Fast DDS, message packages, rosidl generators)"
   pip_quiet install -c "$ROOT/constraints.txt" "${ROS_WHEELS[@]}"
@@ -120,9 +120,51 @@ else
   stamp_set tf2_msgs "$TF2_KEY"
 fi
 
+# vision_msgs: not on PyPI. Generated from the message definitions of its Kilted release, kept verbatim in
+# scripts/vision_msgs/msg (same text as upstream, so same type hashes; provenance: scripts/vision_msgs/README.md).
+VISION_SRC=$BUILD/src/vision_msgs
+rm -rf "$VISION_SRC/msg"
+mkdir -p "$VISION_SRC/msg"
+cp "$ROOT"/scripts/vision_msgs/msg/*.msg "$VISION_SRC/msg/"
+cat >"$VISION_SRC/package.xml" <<'EOF'
+<?xml version="1.0"?>
+<package format="3">
+  <name>vision_msgs</name>
+  <version>4.2.0</version>
+  <description>vision_msgs 4.2.0 (ros-perception/vision_msgs), generated locally for pip-only ROS 2 environments.</description>
+  <maintainer email="lsm_ros@example.org">lsm_ros</maintainer>
+  <license>Apache-2.0</license>
+  <buildtool_depend>ament_cmake</buildtool_depend>
+  <buildtool_depend>rosidl_default_generators</buildtool_depend>
+  <depend>std_msgs</depend>
+  <depend>geometry_msgs</depend>
+  <member_of_group>rosidl_interface_packages</member_of_group>
+  <export><build_type>ament_cmake</build_type></export>
+</package>
+EOF
+cat >"$VISION_SRC/CMakeLists.txt" <<'EOF'
+cmake_minimum_required(VERSION 3.8)
+project(vision_msgs)
+find_package(ament_cmake REQUIRED)
+find_package(rosidl_default_generators REQUIRED)
+find_package(std_msgs REQUIRED)
+find_package(geometry_msgs REQUIRED)
+file(GLOB VISION_MSGS RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} msg/*.msg)
+rosidl_generate_interfaces(${PROJECT_NAME} ${VISION_MSGS} DEPENDENCIES std_msgs geometry_msgs)
+ament_export_dependencies(rosidl_default_runtime)
+ament_package()
+EOF
+VISION_KEY=$(hash_of "$VISION_SRC"/msg/*.msg "$VISION_SRC/CMakeLists.txt" "$VISION_SRC/package.xml" "$STAMPS/wheels")
+if stamp_ok vision_msgs "$VISION_KEY" && "$VPY" -c 'import vision_msgs.msg' 2>/dev/null; then
+  say "vision_msgs up to date"
+else
+  build_interfaces vision_msgs "$VISION_SRC"
+  stamp_set vision_msgs "$VISION_KEY"
+fi
+
 # This package's own msg/ and srv/ (the same CMakeLists.txt that colcon uses on a ROS workstation; here
 # only the interfaces are built and the Python package is installed by pip below).
-LSM_KEY=$(hash_of "$ROOT"/msg/*.msg "$ROOT"/srv/*.srv "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$STAMPS/tf2_msgs")
+LSM_KEY=$(hash_of "$ROOT"/msg/*.msg "$ROOT"/srv/*.srv "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$STAMPS/tf2_msgs" "$STAMPS/vision_msgs")
 if stamp_ok lsm_ros_interfaces "$LSM_KEY" && "$VPY" -c 'import lsm_ros.msg, lsm_ros.srv' 2>/dev/null; then
   say "lsm_ros interfaces up to date"
 else
@@ -153,8 +195,9 @@ fi
 say "checking imports"
 "$VPY" - <<'EOF'
 import lsm_ros.compat  # noqa: F401  (torchvision on CPU torch)
-import torch, timm, open_clip, rclpy, sensor_msgs.msg, tf2_msgs.msg, lsm_ros.msg, lsm_ros.srv  # noqa: F401
+import torch, timm, open_clip, rclpy, sensor_msgs.msg, tf2_msgs.msg, vision_msgs.msg, lsm_ros.msg, lsm_ros.srv  # noqa
+import colcon_core  # noqa: F401  (colcon: the workstation build of test/test_colcon_build.py)
 print(f'[setup] ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), timm {timm.__version__}, '
-      f'open_clip {open_clip.__version__}, rclpy, tf2_msgs, lsm_ros.msg, lsm_ros.srv')
+      f'open_clip {open_clip.__version__}, rclpy, tf2_msgs, vision_msgs, lsm_ros.msg, lsm_ros.srv, colcon')
 EOF
 say "done: activate with 'source .venv/bin/activate', or use 'make demo' / 'make test'"

@@ -122,7 +122,8 @@ def test_compressed_pairs_are_decoded_and_reconstructed(graph: CompressedHarness
     frame = stereo_frames[0]
     stamp_ns = graph.play(frame, _compressed(frame, codec))
     info = graph.info(stamp_ns)
-    assert (info.width, info.height) == (224, 224) and info.intrinsics_source == 'camera_info' and info.metric_scale
+    assert (info.width, info.height) == (224, 224) and info.intrinsics_source == 'camera_info'
+    assert info.pose_valid and info.pose_source == 'stereo_calibration'   # the rig's CameraInfo was used
     assert info.header.frame_id == frame.left_image.header.frame_id
     [(left, right)] = inputs
     expected = _rgb(frame)

@@ -168,6 +168,26 @@ def test_pointcloud_layout_packing_and_round_trip() -> None:
     np.testing.assert_array_equal(cloud['confidence'], confidence)
 
 
+def test_labelled_pointcloud_has_pcl_point_xyzrgbl_label() -> None:
+    """The label field as PCL's PointXYZRGBL declares it (uint32 ``label``, at its offset 20; ``rgb`` FLOAT32, which
+    PCL accepts for ``rgba``), so pcl::fromROSMsg keeps it; values beyond a byte survive."""
+    rng = np.random.default_rng(4)
+    xyz = rng.normal(size=(6, 3)).astype(np.float32)
+    rgb = rng.integers(0, 256, (6, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 255, 256, 70000, 2**32 - 1], dtype=np.int64)
+    msg = deserialize_message(serialize_message(conv.pointcloud2_from_points(
+        xyz, rgb, np.ones(6, np.float32), HEADER, labels=labels)), PointCloud2)
+    fields = {f.name: (f.offset, f.datatype, f.count) for f in msg.fields}
+    assert fields['label'] == (20, PointField.UINT32, 1) and fields['rgb'] == (12, PointField.FLOAT32, 1)
+    assert (msg.point_step, msg.row_step) == (24, 24 * 6)
+    raw = np.frombuffer(msg.data, dtype=np.uint8).reshape(6, 24)
+    np.testing.assert_array_equal(raw[:, 20:24].copy().view('<u4')[:, 0], labels)
+    np.testing.assert_array_equal(conv.pointcloud2_to_numpy(msg)['label'], labels)
+    for bad in (np.full(6, -1), np.full(6, 2**32), np.full(6, 0.5), np.zeros(5, np.int64)):
+        with pytest.raises(ValueError, match='labels must be'):
+            conv.pointcloud2_from_points(xyz, rgb, np.ones(6, np.float32), HEADER, labels=bad)
+
+
 def test_empty_pointcloud() -> None:
     msg = conv.pointcloud2_from_points(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8),
                                        np.zeros(0, np.float32), HEADER)

@@ -31,7 +31,12 @@ def test_demo_writes_every_file_for_two_pairs(tmp_path: Path, tiny_reconstructor
         assert 0 < len(cloud['x']) <= 2 * 224 * 224
         assert np.load(tmp_path / f'left_depth_{index:04d}.npy').shape == (224, 224)
     rows = list(csv.DictReader((tmp_path / 'relative_pose.csv').open()))
-    assert len(rows) == 2 and rows[0]['metric_scale'] == '1'
+    assert len(rows) == 2 and rows[0]['metric_scale'] in ('0', '1')   # metric when the rig's point map fits
+    infos_by_pair = [json.loads(line) for line in (tmp_path / 'info.jsonl').read_text().splitlines()]
+    baseline_m = infos_by_pair[0]['baseline_m']
+    assert baseline_m > 0
+    # a rectified rig: the right camera at (B, 0, 0) from the calibration
+    np.testing.assert_allclose([float(rows[0][k]) for k in ('x', 'y', 'z')], [baseline_m, 0, 0], atol=1e-6)
     assert np.linalg.norm([float(rows[0][k]) for k in ('qx', 'qy', 'qz', 'qw')]) == pytest.approx(1.0)
     infos = [json.loads(line) for line in (tmp_path / 'info.jsonl').read_text().splitlines()]
     assert [i['pair_index'] for i in infos] == [0, 1] and all(i['width'] == 224 for i in infos)

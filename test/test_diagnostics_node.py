@@ -8,6 +8,8 @@ state before configure, while loading, after configure/activate, and a configure
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -149,9 +151,23 @@ class StreamHarness(DiagnosticsHarness):
         self.next_stamp_ns = stream.stop() + 1_000_000_000
 
 
+def pnp_frames(frames: list[Any]) -> list[Any]:
+    """``frames`` whose right CameraInfo is no rectified rig (a vertical offset P[1,3] of 1 mm): lsm_node then takes
+    the relative pose from PnP and the metric scale from the baseline, which the tiny untrained model reaches (the
+    dense fit of a rectified rig needs a trained one). So a flowing stream reports OK, metric (stereo_baseline)."""
+    changed = []
+    for frame in frames:
+        right_info = copy.deepcopy(frame.right_info)
+        p = list(right_info.p)
+        p[7] = -p[5] * 0.001
+        right_info.p = p
+        changed.append(dataclasses.replace(frame, right_info=right_info))
+    return changed
+
+
 @pytest.fixture(scope='module')
 def graph(ros_context: Any, tiny_reconstructor: Any, stereo_frames: list[Any]) -> Iterator[StreamHarness]:
-    with StreamHarness(ros_context, tiny_reconstructor, stereo_frames) as graph:
+    with StreamHarness(ros_context, tiny_reconstructor, pnp_frames(stereo_frames)) as graph:
         yield graph
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from lsm_ros.config import CONFIG_SECTIONS, all_parameter_specs
+from lsm_ros.config import CONFIG_SECTIONS, PARAMETER_ALIASES, all_parameter_specs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,7 +21,7 @@ STUBS = Path(__file__).resolve().parent / 'launch_stub'
 STUBBED_PACKAGES = ('launch', 'launch_ros', 'ament_index_python')
 EXPECTED_ARGUMENTS = {
     'namespace': 'lsm', 'params_file': str(REPO / 'config' / 'lsm.yaml'), 'device': '', 'dust3r_checkpoint': '',
-    'lseg_checkpoint': '', 'lsm_checkpoint': '', 'publish_tf': '', 'use_rviz': 'false',
+    'lseg_checkpoint': '', 'lsm_checkpoint': '', 'publish_tf': '', 'use_rviz': 'false', 'fixed_frame': 'cam0',
     'left_image': '/stereo/left/image_rect', 'right_image': '/stereo/right/image_rect',
     'left_info': '/stereo/left/camera_info', 'right_info': '/stereo/right/camera_info', 'managed': 'false',
     'autostart': 'true'}
@@ -177,6 +177,14 @@ def test_rviz_node(launch_file: ModuleType) -> None:
     assert len(rviz) == 1 and rviz[0].executable == 'rviz2'
     assert rviz[0].arguments[0] == '-d' and Path(rviz[0].arguments[1]) == REPO / 'config' / 'lsm.rviz'
     assert Path(rviz[0].arguments[1]).is_file()
+    assert rviz[0].arguments[2:] == ['--fixed-frame', 'cam0']     # the rviz config's own fixed frame by default
+
+
+def test_rviz_fixed_frame_comes_from_the_launch_argument(launch_file: ModuleType) -> None:
+    [rviz] = [n for n in _nodes(launch_file, use_rviz='true', fixed_frame='base_link') if n.package == 'rviz2']
+    assert rviz.arguments == ['-d', str(REPO / 'config' / 'lsm.rviz'), '--fixed-frame', 'base_link']
+    config = yaml.safe_load((REPO / 'config' / 'lsm.rviz').read_text())
+    assert config['Visualization Manager']['Global Options']['Fixed Frame'] == launch_file.DEFAULT_FIXED_FRAME
 
 
 def test_params_yaml_equals_the_dataclasses() -> None:
@@ -184,7 +192,8 @@ def test_params_yaml_equals_the_dataclasses() -> None:
     assert list(document) == ['/**/lsm_node']
     parameters = document['/**/lsm_node']['ros__parameters']
     defaults = {f.name: f.default for cls in CONFIG_SECTIONS for f in dataclasses.fields(cls)}
-    assert list(parameters) == list(defaults)                   # same keys, same order
+    assert list(parameters) == list(defaults)                   # same keys, same order (aliases not repeated)
+    assert set(PARAMETER_ALIASES.values()) <= set(defaults) and not set(PARAMETER_ALIASES) & set(defaults)
     for name, value in parameters.items():
         if isinstance(defaults[name], tuple) and isinstance(value, list):   # a string array is a YAML list
             value = tuple(value)

@@ -73,7 +73,7 @@ def test_labelled_cloud_and_mask_messages_round_trip() -> None:
     np.testing.assert_array_equal(cloud['confidence'], confidence)
     np.testing.assert_array_equal(cloud['label'], labels)
     with pytest.raises(ValueError, match='labels must be'):
-        conversions.pointcloud2_from_points(xyz, rgb, confidence, header, labels=np.full(50, 256))
+        conversions.pointcloud2_from_points(xyz, rgb, confidence, header, labels=np.full(50, -1))
     mask = rng.uniform(size=(4, 6)) > 0.5
     mask_msg = conversions.mask_to_image_msg(mask, header)
     np.testing.assert_array_equal(_mono(mask_msg), mask.astype(np.uint8) * 255)
@@ -116,7 +116,7 @@ def test_semantic_products_of_a_stereo_pair(graph: SemanticHarness, stereo_frame
     cloud_msg = products[lsm.POINTS_TOPIC]
     assert [f.name for f in cloud_msg.fields] == ['x', 'y', 'z', 'rgb', 'confidence', 'label']
     label_field = cloud_msg.fields[-1]
-    assert (label_field.datatype, label_field.offset, cloud_msg.point_step) == (PointField.UINT8, 20, 24)
+    assert (label_field.datatype, label_field.offset, cloud_msg.point_step) == (PointField.UINT32, 20, 24)
     cloud = conversions.pointcloud2_to_numpy(cloud_msg)
     assert len(cloud['label']) == info.num_points > 0
     assert cloud['label'].max() < len(DEFAULT_LABELS) and np.isfinite(cloud['xyz']).all()
@@ -164,6 +164,26 @@ def test_query_answers_masks_label_images_and_scores(graph: SemanticHarness, ste
     np.testing.assert_array_equal(strict_labels == NO_LABEL, ~strict_masks.any(axis=0))
     assert list(graph.query(phrases=['chair'], label_images=False).label_images) == []
 
+    # the 3-D answer beside it: a cloud per phrase and the detections in the left frame, camera masks (view-major) at
+    # the input images' size in their frames, covering the same share of the region the model saw as the masks do
+    frame = stereo_frames[0]
+    assert len(response.clouds) == 2 and len(response.camera_masks) == 2 * 2 and len(response.camera_regions) == 2
+    assert all(c.header.frame_id == frames[0] and c.header.stamp == response.stamp for c in response.clouds)
+    assert [f.name for f in response.clouds[0].fields] == ['x', 'y', 'z', 'rgb', 'probability']
+    assert response.detections.header.frame_id == frames[0]
+    assert {d.results[0].hypothesis.class_id for d in response.detections.detections} <= {'chair', 'table'}
+    for position, image in enumerate((frame.left_image, frame.right_image)):
+        region = response.camera_regions[position]
+        assert 0 < region.width <= image.width and 0 < region.height <= image.height
+        for p in range(2):
+            msg = response.camera_masks[position * 2 + p]
+            assert (msg.width, msg.height, msg.header.frame_id) == (image.width, image.height, frames[position])
+            camera_mask = _mono(msg) == 255
+            seen = camera_mask[region.y_offset:region.y_offset + region.height,
+                               region.x_offset:region.x_offset + region.width]
+            assert seen.sum() == camera_mask.sum()                  # nothing outside the region the model saw
+            assert seen.mean() == pytest.approx((masks[position, p] == 255).mean(), abs=0.05)
+
 
 @pytest.mark.parametrize('fields,reason', [
     (dict(phrases=['chair', '']), 'phrase 1 is empty'),
@@ -176,6 +196,8 @@ def test_query_answers_masks_label_images_and_scores(graph: SemanticHarness, ste
     (dict(phrases=['chair'], threshold=-0.1), '[0, 1]'),
     (dict(phrases=['chair'], threshold=float('nan')), '[0, 1]'),
     (dict(phrases=['a ' * 99]), 'ValueError'),                    # 99 CLIP tokens > 77 (the tokenizer refuses)
+    (dict(phrases=['chair'], cluster_distance=-0.5), 'cluster_distance'),
+    (dict(phrases=['chair'], cluster_distance=float('nan')), 'cluster_distance'),
 ])
 def test_bad_requests_are_refused_and_the_node_keeps_working(graph: SemanticHarness, stereo_frames: list[Any],
                                                              fields: dict[str, Any], reason: str) -> None:

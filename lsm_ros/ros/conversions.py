@@ -32,16 +32,18 @@ SUPPORTED_IMAGE_ENCODINGS: tuple[str, ...] = tuple(COLOR_ENCODINGS)
 DEPTH_ENCODING = '32FC1'
 
 # ~/points layout: x y z rgb confidence, all FLOAT32 (rgb: 0x00RRGGBB bits read as a float, as PCL/RViz);
-# with semantic labels also ``label`` (UINT8 at offset 20, padded to a 24-byte point for 4-byte alignment).
+# with semantic labels also ``label``, UINT32 at offset 20 (a 24-byte point) as PCL's PointXYZRGBL has it, so
+# pcl::fromROSMsg into PointXYZRGBL keeps it (PCL matches fields by name and type; rgb FLOAT32 fills its rgba).
 POINT_FIELD_NAMES: tuple[str, ...] = ('x', 'y', 'z', 'rgb', 'confidence')
 POINT_STEP = 4 * len(POINT_FIELD_NAMES)
 LABEL_FIELD_NAME = 'label'
 LABELLED_POINT_STEP = POINT_STEP + 4
 _POINT_DTYPE = np.dtype([(name, '<f4') for name in POINT_FIELD_NAMES])
 _LABELLED_POINT_DTYPE = np.dtype({'names': list(POINT_FIELD_NAMES) + [LABEL_FIELD_NAME],
-                                  'formats': ['<f4'] * len(POINT_FIELD_NAMES) + ['u1'],
+                                  'formats': ['<f4'] * len(POINT_FIELD_NAMES) + ['<u4'],
                                   'offsets': [4 * i for i in range(len(POINT_FIELD_NAMES))] + [POINT_STEP],
                                   'itemsize': LABELLED_POINT_STEP})
+_UINT32_MAX = (1 << 32) - 1
 _POINTFIELD_NUMPY_TYPES = {PointField.INT8: 'i1', PointField.UINT8: 'u1', PointField.INT16: 'i2',
                            PointField.UINT16: 'u2', PointField.INT32: 'i4', PointField.UINT32: 'u4',
                            PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
@@ -425,19 +427,19 @@ def unpack_rgb_float(rgb_float: np.ndarray) -> np.ndarray:
 def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.ndarray, header: Header,
                             labels: np.ndarray | None = None) -> PointCloud2:
     """Unordered cloud (height 1) with FLOAT32 fields x y z rgb confidence, point_step 20, little endian; with
-    ``labels`` (N,) also a UINT8 ``label`` field at offset 20 (point_step 24).
+    ``labels`` (N,) also a UINT32 ``label`` field at offset 20 (point_step 24), PCL's PointXYZRGBL label.
 
-    ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,), ``labels`` values in
-    [0, 255]; points must be finite (is_dense is true).
+    ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,), ``labels`` integers in
+    [0, 2**32); points must be finite (is_dense is true).
     """
     xyz = np.asarray(xyz)
     count = xyz.shape[0]
     if xyz.shape != (count, 3) or np.shape(rgb) != (count, 3) or np.shape(confidence) != (count,):
         raise ValueError(f'xyz (N,3), rgb (N,3), confidence (N,) expected, got {xyz.shape}, '
                          f'{np.shape(rgb)}, {np.shape(confidence)}')
-    if labels is not None and (np.shape(labels) != (count,) or np.any(np.asarray(labels) < 0)
-                               or np.any(np.asarray(labels) > 255)):
-        raise ValueError(f'labels must be (N,) = ({count},) values in [0, 255], got shape {np.shape(labels)}')
+    if labels is not None and (np.shape(labels) != (count,) or not np.issubdtype(np.asarray(labels).dtype, np.integer)
+                               or np.any(np.asarray(labels) < 0) or np.any(np.asarray(labels) > _UINT32_MAX)):
+        raise ValueError(f'labels must be (N,) = ({count},) integers in [0, 2**32), got shape {np.shape(labels)}')
     points = np.zeros(count, dtype=_POINT_DTYPE if labels is None else _LABELLED_POINT_DTYPE)
     points['x'], points['y'], points['z'] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     points['rgb'] = pack_rgb_float(rgb)
@@ -447,7 +449,7 @@ def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.nda
     point_step = POINT_STEP
     if labels is not None:
         points[LABEL_FIELD_NAME] = labels
-        fields.append(PointField(name=LABEL_FIELD_NAME, offset=POINT_STEP, datatype=PointField.UINT8, count=1))
+        fields.append(PointField(name=LABEL_FIELD_NAME, offset=POINT_STEP, datatype=PointField.UINT32, count=1))
         point_step = LABELLED_POINT_STEP
     msg = PointCloud2(header=header, height=1, width=count, fields=fields, is_bigendian=False,
                       point_step=point_step, row_step=point_step * count, is_dense=True)

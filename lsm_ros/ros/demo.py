@@ -39,6 +39,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from tf2_msgs.msg import TFMessage
+from vision_msgs.msg import LabelInfo
 
 from lsm_ros import semantics
 from lsm_ros.io import depth_to_color, write_json, write_mono_png, write_ply, write_rgb_png
@@ -50,7 +51,8 @@ from lsm_ros.ros.graph import RosGraph, remap_arguments
 from lsm_ros.ros.isolation import apply_localhost_only_environment
 from lsm_ros.ros.node import (INFO_TOPIC, LEFT_DEPTH_TOPIC, LEFT_IMAGE_TOPIC, LEFT_INFO_TOPIC, LEFT_MODEL_INFO_TOPIC,
                               POINTS_TOPIC, RELATIVE_POSE_TOPIC, RIGHT_DEPTH_TOPIC, RIGHT_IMAGE_TOPIC, RIGHT_INFO_TOPIC,
-                              RIGHT_MODEL_INFO_TOPIC, SEMANTIC_LABELS_TOPIC, SEMANTIC_OVERLAY_TOPIC, TF_TOPIC, LsmNode)
+                              RIGHT_MODEL_INFO_TOPIC, SEMANTIC_LABEL_INFO_TOPIC, SEMANTIC_LABELS_TOPIC,
+                              SEMANTIC_OVERLAY_TOPIC, TF_TOPIC, LsmNode)
 from lsm_ros.ros.synthetic import write_synthetic_stereo_bag
 from lsm_ros.shared_data import shared_directory
 from lsm_ros.srv import TextQuery
@@ -65,7 +67,7 @@ RECORDER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability
 _PRODUCT_TYPES = {POINTS_TOPIC: PointCloud2, LEFT_DEPTH_TOPIC: Image, RIGHT_DEPTH_TOPIC: Image,
                   LEFT_MODEL_INFO_TOPIC: CameraInfo, RIGHT_MODEL_INFO_TOPIC: CameraInfo,
                   RELATIVE_POSE_TOPIC: PoseStamped, INFO_TOPIC: ReconstructionInfo,
-                  SEMANTIC_LABELS_TOPIC: Image, SEMANTIC_OVERLAY_TOPIC: Image}
+                  SEMANTIC_LABELS_TOPIC: Image, SEMANTIC_OVERLAY_TOPIC: Image, SEMANTIC_LABEL_INFO_TOPIC: LabelInfo}
 DEFAULT_QUERY_PHRASES = ('floor', 'wall', 'chair')
 QUERY_MASKS_DIR = 'query_masks'
 # Colour i of label_palette does not depend on the palette's length: these are the colours of the node's overlay
@@ -141,6 +143,8 @@ class ProductRecorder(Node):
         cloud = conversions.pointcloud2_to_numpy(msg)
         name = f'points_{self._index(conversions.stamp_to_nanoseconds(msg.header.stamp)):04d}.ply'
         scalars = {key: cloud[key] for key in ('confidence', conversions.LABEL_FIELD_NAME) if key in cloud}
+        if conversions.LABEL_FIELD_NAME in scalars:   # uint32 on ~/points (PCL's); at most 64 labels: a PLY uchar
+            scalars[conversions.LABEL_FIELD_NAME] = scalars[conversions.LABEL_FIELD_NAME].astype(np.uint8)
         write_ply(self.out_dir / name, cloud['xyz'], cloud['rgb_u8'], scalars)
         self.files.append(name)
 

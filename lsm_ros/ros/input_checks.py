@@ -1,14 +1,24 @@
-"""Checks of ``lsm_node``'s input that need no node state: whether an image size suits the model, a pair's stereo
-calibration from its CameraInfo, why a right CameraInfo gives no baseline. They return or raise the problem; the
-node (:class:`~lsm_ros.ros.node.LsmNode`) turns it into a rejection reason (``REJECT_*``) or a log line."""
+"""Checks of ``lsm_node``'s input that need no node state: decoding a raw or compressed image, whether its size suits
+the model, and whether a pair's images agree. They raise :class:`InputRejected` with the node's rejection reason
+(``REJECT_*`` of :mod:`lsm_ros.ros.names`) and the message to log; :mod:`lsm_ros.ros.calibration` checks the
+CameraInfo."""
 from __future__ import annotations
 
 import numpy as np
-from sensor_msgs.msg import CameraInfo
+from sensor_msgs.msg import CompressedImage, Image
 
-from lsm_ros.pipeline import CameraCalibration
 from lsm_ros.preprocess import plan_crop
 from lsm_ros.ros import conversions
+from lsm_ros.ros.names import REJECT_ENCODING, REJECT_IMAGE_DATA, REJECT_SIZE_MISMATCH
+
+
+class InputRejected(ValueError):
+    """A pair that cannot be reconstructed; ``reason`` is one of the REJECT_* keys."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 # Smallest image side lsm_ros.preprocess takes (it refuses a side under 2 pixels); an image must also leave a
 # non-empty crop at the model resolution (lsm_ros.preprocess.plan_crop), else it is rejected as bad_image_data.
@@ -29,43 +39,32 @@ def model_input_problem(width: int, height: int, resolution: int) -> str | None:
     return None
 
 
-def calibration_from_camera_infos(left_info: CameraInfo, right_info: CameraInfo,
-                                  size: tuple[int, int]) -> CameraCalibration:
-    """The rectified intrinsics and stereo baseline (None when the right CameraInfo has none) of a pair whose images
-    are ``size`` = (width, height); raises ValueError (:class:`~lsm_ros.ros.conversions.CameraInfoError`, or
-    :class:`~lsm_ros.pipeline.CameraCalibration`'s own checks) when a CameraInfo is unusable or for another size."""
-    for side, info in (('left', left_info), ('right', right_info)):
-        _, _, width, height = conversions.camera_info_to_matrices(info)
-        if (width, height) != size:
-            raise conversions.CameraInfoError(
-                f'{side} CameraInfo is for {width}x{height} images, the images are {size[0]}x{size[1]}')
-    K_left = conversions.rectified_intrinsics(left_info)
-    K_right = conversions.rectified_intrinsics(right_info)
-    return CameraCalibration(K_left=K_left, K_right=K_right,
-                             baseline_m=conversions.stereo_baseline_from_camera_info(right_info),
-                             source='camera_info')
-
-
-def no_baseline_reason(right_info: CameraInfo) -> tuple[str, str]:
-    """(kind, what was seen) for a right CameraInfo that gives no stereo baseline, where ``P[0,3] = -fx*B`` with B >
-    0 is expected. kind: 'zero' (P[0,3] is 0: a monocular or unrectified calibration), 'wrong_sign' (P[0,3] > 0:
-    a negative baseline, e.g. the left camera's info on the right topic or swapped cameras), 'no_projection' (P
-    malformed, all zeros or its fx not positive) or 'not_finite' (P, or B = -P[0,3]/fx, is not finite)."""
+def decode_image(side: str, msg: Image | CompressedImage, stamp_text: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a raw or compressed image; raises :class:`InputRejected` (unsupported encoding, data
+    that does not match its sizes or does not decode)."""
+    if isinstance(msg, CompressedImage):
+        try:
+            return conversions.compressed_image_to_numpy(msg)
+        except conversions.ImageConversionError as exc:
+            raise InputRejected(REJECT_IMAGE_DATA, f'{side} compressed image ({msg.format!r}) at {stamp_text}: '
+                                f'{exc}: dropped') from exc
+    if msg.encoding not in conversions.SUPPORTED_IMAGE_ENCODINGS:
+        raise InputRejected(REJECT_ENCODING, f'{side} image at {stamp_text} has encoding {msg.encoding!r}; '
+                            f'lsm_node takes {", ".join(conversions.SUPPORTED_IMAGE_ENCODINGS)}: dropped')
     try:
-        P = np.asarray(right_info.p, dtype=np.float64).reshape(3, 4)
-    except ValueError:
-        return 'no_projection', f'the right CameraInfo has a malformed projection P ({len(right_info.p)} values)'
-    fx, tx = P[0, 0], P[0, 3]
-    if not np.isfinite(P).all():
-        return 'not_finite', f'the right CameraInfo\'s projection P is not finite (P[0,3] = {tx!r})'
-    if fx <= 0:
-        return 'no_projection', (f'the right CameraInfo has no rectified projection P (P[0,0] = fx = {fx:g}), so no '
-                                 'stereo baseline (P[0,3] = -fx*B)')
-    if tx == 0:
-        return 'zero', 'the right CameraInfo has no stereo baseline (P[0,3] = -fx*B is 0)'
-    if tx < 0:
-        return 'not_finite', (f'the right CameraInfo\'s baseline B = -P[0,3]/fx = {-tx:g}/{fx:g} is not a finite '
-                              'number')
-    return 'wrong_sign', (f'the right CameraInfo has P[0,3] = {tx:g} > 0, which is a negative baseline B = -P[0,3]/fx '
-                          f'= {-tx / fx:g} (the right camera of a stereo pair has P[0,3] = -fx*B < 0: is the left '
-                          'camera\'s CameraInfo on the right topic, or are the cameras swapped?); it is not used')
+        return conversions.image_to_numpy(msg)
+    except conversions.ImageConversionError as exc:
+        raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {exc}: dropped') from exc
+
+
+def check_pair_images(left: np.ndarray, right: np.ndarray, resolution: int, stamp_text: str) -> None:
+    """Raise :class:`InputRejected` unless both (H, W, 3) images can be pre-processed at ``resolution``
+    (bad_image_data) and have the same size (size_mismatch)."""
+    for side, array in (('left', left), ('right', right)):
+        problem = model_input_problem(array.shape[1], array.shape[0], resolution)
+        if problem is not None:
+            raise InputRejected(REJECT_IMAGE_DATA, f'{side} image at {stamp_text}: {problem}: dropped')
+    if left.shape != right.shape:
+        (left_h, left_w), (right_h, right_w) = left.shape[:2], right.shape[:2]
+        raise InputRejected(REJECT_SIZE_MISMATCH, f'pair at {stamp_text}: left image is {left_w}x{left_h}, right '
+                            f'image {right_w}x{right_h}; both must have the same size: dropped')

@@ -30,7 +30,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.parameter_service import ParameterService
 
-from lsm_ros.config import NodeConfig, ParameterSpec, PipelineConfig, all_parameter_specs, config_from_mapping
+from lsm_ros.config import (PARAMETER_ALIASES, NodeConfig, ParameterSpec, PipelineConfig, all_parameter_specs,
+                            config_from_mapping)
 
 _PARAMETER_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
                     float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -100,6 +101,7 @@ class LsmParameters:
         self._apply_lock = threading.RLock()   # concurrent set calls become consecutive snapshots
         defaults = {**dataclasses.asdict(pipeline_defaults or PipelineConfig()),
                     **dataclasses.asdict(node_defaults or NodeConfig())}
+        defaults.update({alias: defaults[target] for alias, target in PARAMETER_ALIASES.items()})
         self.specs: dict[str, ParameterSpec] = {spec.name: spec for spec in all_parameter_specs()}
         declared = node.declare_parameters('', [(name, _declared_default(spec, defaults[name]),
                                                  parameter_descriptor(spec)) for name, spec in self.specs.items()])
@@ -107,14 +109,41 @@ class LsmParameters:
         # is the empty array.
         node.set_parameters([Parameter(p.name, Parameter.Type.STRING_ARRAY, []) for p in declared
                              if p.type_ == Parameter.Type.NOT_SET and self.specs[p.name].type is tuple])
+        self._settle_aliases(node, defaults)
         values = {name: node.get_parameter(name).value for name in self.specs}
         try:
             self.snapshot = ParameterSnapshot(pipeline=config_from_mapping(PipelineConfig, values, strict=False),
                                               node=config_from_mapping(NodeConfig, values, strict=False))
         except ValueError as exc:
             raise ValueError(f'invalid lsm_node parameter: {exc}') from exc
+        node.add_pre_set_parameters_callback(self._mirror_aliases)
         node.add_on_set_parameters_callback(self.check)
         node.add_post_set_parameters_callback(self._apply)
+
+    @staticmethod
+    def _settle_aliases(node: Node, defaults: dict[str, Any]) -> None:
+        """At start-up, a parameter and its alias (:data:`~lsm_ros.config.PARAMETER_ALIASES`) get the one value given
+        (the other kept its default); ValueError when both were given different values."""
+        for alias, target in PARAMETER_ALIASES.items():
+            alias_value, target_value = node.get_parameter(alias).value, node.get_parameter(target).value
+            if alias_value == target_value:
+                continue
+            if target_value == defaults[target]:
+                node.set_parameters([Parameter(target, value=alias_value)])
+            elif alias_value == defaults[alias]:
+                node.set_parameters([Parameter(alias, value=target_value)])
+            else:
+                raise ValueError(f'invalid lsm_node parameter: {alias} ({alias_value!r}) and {target} '
+                                 f'({target_value!r}) name the same setting: give one of them')
+
+    @staticmethod
+    def _mirror_aliases(parameters: list[Parameter]) -> list[Parameter]:
+        """Pre-set callback: a parameter set without its alias (or an alias without its parameter) sets the other
+        too, with the same value."""
+        names = {p.name for p in parameters}
+        pairs = {**PARAMETER_ALIASES, **{target: alias for alias, target in PARAMETER_ALIASES.items()}}
+        return list(parameters) + [Parameter(pairs[p.name], p.type_, p.value) for p in parameters
+                                   if p.name in pairs and pairs[p.name] not in names]
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -141,14 +170,19 @@ class LsmParameters:
                 spec.validate(parameter.value)
             except ValueError as exc:
                 reasons.append(str(exc))
+        given = {p.name: p.value for p in parameters}
+        for alias, target in PARAMETER_ALIASES.items():
+            if alias in given and target in given and given[alias] != given[target]:
+                reasons.append(f'{alias} ({given[alias]!r}) and {target} ({given[target]!r}) name the same setting: '
+                               'give one of them, or both with the same value')
         if reasons:
             return SetParametersResult(successful=False, reason='; '.join(reasons))
         return SetParametersResult(successful=True)
 
     def _apply(self, parameters: list[Parameter]) -> None:
         """Post-set callback: every parameter of one (atomic) set call becomes part of one new snapshot."""
-        changes: dict[str, Any] = {p.name: self.specs[p.name].validate(p.value)
-                                   for p in parameters if p.name in self.specs}
+        changes: dict[str, Any] = {PARAMETER_ALIASES.get(p.name, p.name): self.specs[p.name].validate(p.value)
+                                   for p in parameters if p.name in self.specs}   # an alias changes its parameter
         if not changes:
             return
         pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -193,3 +227,22 @@ class AllOrNothingParameterService(ParameterService):
         except ParameterNotDeclaredException as exc:
             response.results = [SetParametersResult(successful=False, reason=str(exc)) for _ in parameters]
         return response
+
+
+class AllOrNothingParameters:
+    """Mixin of an rclpy ``Node`` (put it first among the bases) whose parameters an :class:`LsmParameters` holds at
+    ``self._lsm_params``: :meth:`set_parameters` sets several parameters all or nothing (rclpy would set them one by
+    one), :meth:`set_parameters_atomically` checks them with :meth:`LsmParameters.check` first, so that a refusal
+    names each bad parameter and says why (rclpy's own type check only says 'Wrong parameter type')."""
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        """One result per parameter: all successful, or all refused with the reason."""
+        return set_parameters_all_or_nothing(self, list(parameter_list))  # type: ignore[arg-type]
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        parameters = getattr(self, '_lsm_params', None)   # None while the parameters are being declared
+        if parameters is not None:
+            checked = parameters.check(list(parameter_list))
+            if not checked.successful:
+                return checked
+        return super().set_parameters_atomically(parameter_list)  # type: ignore[misc]

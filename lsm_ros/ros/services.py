@@ -3,7 +3,8 @@ answer and filling the response, from explicit inputs (the model, the latest rec
 
 - refusals: :class:`ServiceRefused` (:class:`QueryRefused`, :class:`RenderRefused`), whose message is the reason
   the response gives (``success: false``); :class:`ServiceKind` names a service for the node's counters and logs;
-- ~/query: :func:`parse_query_request`, :func:`query_answer`, :func:`fill_query_response`;
+- ~/query: :func:`parse_query_request`, :func:`query_cluster_distance`, :func:`query_answer`,
+  :func:`fill_query_response` (with the 3-D answer of :mod:`lsm_ros.query3d`: clouds, detections, camera masks);
 - ~/render: :func:`parse_render_request` (a :class:`RenderRequest`), :func:`render_request`,
   :func:`fill_render_response`; the cameras (:class:`VirtualCamera`) of the ``render_views`` too
   (:func:`render_view_camera`, :func:`midway_pose`);
@@ -21,10 +22,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
+from geometry_msgs.msg import Point, Pose, PoseWithCovariance, Quaternion, Vector3
 from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import PointCloud2, RegionOfInterest
 from std_msgs.msg import Header
+from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesis, ObjectHypothesisWithPose
 
-from lsm_ros import semantics
+from lsm_ros import query3d, semantics
+from lsm_ros.config import NodeConfig
 from lsm_ros.pipeline import DEPTH_MIN_ALPHA, RENDER_CHANNELS, GaussianCloud, Reconstruction, Reconstructor, \
     RenderedView
 from lsm_ros.ros import conversions
@@ -37,6 +42,11 @@ DEFAULT_RENDER_CHANNELS = ('rgb', 'depth')
 MAX_RENDER_SIDE = 2048           # pixels per side of a ~/render image
 MAX_FEATURE_RENDER_PIXELS = 1024 * 1024  # pixels of a ~/render with features or labels (~3 GB of CPU memory)
 MIDWAY_FRAME_SUFFIX = '_midway'  # frame of the 'midway' render view: <left frame>_midway
+# The defaults of the ~/query 3-D answer: the node parameters' defaults.
+DEFAULT_QUERY_CLUSTER_DISTANCE: float = NodeConfig.query_cluster_distance
+DEFAULT_QUERY_MIN_CLUSTER_POINTS: int = NodeConfig.query_min_cluster_points
+PROBABILITY_FIELD = 'probability'  # the value field of a ~/query cloud, where ~/points has CONFIDENCE_FIELD
+CONFIDENCE_FIELD = 'confidence'
 
 
 class ServiceRefused(ValueError):
@@ -165,12 +175,23 @@ def parse_query_request(request: TextQuery.Request, reconstructor: Reconstructor
     threshold = float(request.threshold)
     if not 0.0 <= threshold <= 1.0:   # false for NaN too
         raise QueryRefused(f'threshold must be a probability in [0, 1] (0: plain arg-max), got {threshold!r}')
+    query_cluster_distance(request, DEFAULT_QUERY_CLUSTER_DISTANCE)
     try:
         views = semantics.parse_views(request.views)
         phrases = semantics.validate_phrases(list(request.phrases)) if request.phrases else default_labels
     except ValueError as exc:
         raise QueryRefused(str(exc)) from exc
     return phrases, views, threshold
+
+
+def query_cluster_distance(request: TextQuery.Request, parameter: float) -> float:
+    """The clustering distance of a ~/query request: its ``cluster_distance`` when > 0, else ``parameter`` (the
+    node's ``query_cluster_distance``). Raises :class:`QueryRefused` for a negative or non-finite one."""
+    distance = float(request.cluster_distance)
+    if not (np.isfinite(distance) and distance >= 0.0):
+        raise QueryRefused(f'cluster_distance must be a finite length >= 0 (0: the node\'s query_cluster_distance), '
+                           f'got {distance!r}')
+    return distance if distance > 0.0 else float(parameter)
 
 
 def query_answer(reconstructor: Reconstructor, latest: LatestReconstruction, phrases: tuple[str, ...],
@@ -185,9 +206,45 @@ def query_answer(reconstructor: Reconstructor, latest: LatestReconstruction, phr
         raise QueryRefused(f'{type(exc).__name__}: {exc}') from exc
 
 
+def phrase_cloud(points: query3d.PhrasePoints, header: Header) -> PointCloud2:
+    """A phrase's points as the ~/points cloud layout (x y z rgb, FLOAT32) with its value field ``probability``
+    (the phrase's probability at the point's pixel) in the place of ``confidence``."""
+    msg = conversions.pointcloud2_from_points(points.xyz, points.rgb, points.probability, header)
+    value_fields = [f for f in msg.fields if f.name == CONFIDENCE_FIELD]
+    if len(value_fields) != 1:
+        raise RuntimeError(f'the ~/points layout has no single {CONFIDENCE_FIELD!r} field to carry the probability: '
+                           f'{[f.name for f in msg.fields]}')
+    value_fields[0].name = PROBABILITY_FIELD
+    return msg
+
+
+def detection_msg(detection: query3d.ObjectDetection, phrase_index: int, rank: int, header: Header) -> Detection3D:
+    """A vision_msgs/Detection3D of an object: its oriented box, the phrase as class with the object's score, id
+    '<phrase index>/<rank>'."""
+    box = detection.box
+
+    def pose() -> Pose:
+        return Pose(position=Point(x=float(box.center[0]), y=float(box.center[1]), z=float(box.center[2])),
+                    orientation=Quaternion(x=float(box.quaternion[0]), y=float(box.quaternion[1]),
+                                           z=float(box.quaternion[2]), w=float(box.quaternion[3])))
+
+    hypothesis = ObjectHypothesisWithPose(
+        hypothesis=ObjectHypothesis(class_id=detection.phrase, score=float(detection.score)),
+        pose=PoseWithCovariance(pose=pose()))
+    size = Vector3(x=float(box.size[0]), y=float(box.size[1]), z=float(box.size[2]))
+    return Detection3D(header=header, results=[hypothesis], bbox=BoundingBox3D(center=pose(), size=size),
+                       id=f'{phrase_index}/{rank}')
+
+
 def fill_query_response(response: TextQuery.Response, latest: LatestReconstruction, answer: QueryResult,
-                        threshold: float, with_label_images: bool) -> None:
-    """Masks (view-major), optional label images, per-phrase scores, stamp and frames of an answer."""
+                        threshold: float, with_label_images: bool, *,
+                        cluster_distance: float = DEFAULT_QUERY_CLUSTER_DISTANCE,
+                        min_cluster_points: int = DEFAULT_QUERY_MIN_CLUSTER_POINTS) -> None:
+    """Masks (view-major), optional label images, per-phrase scores, stamp and frames of an answer; and its 3-D
+    answer (:func:`lsm_ros.query3d.answer_3d`): per phrase a cloud, its objects in ``detections`` (split at
+    ``cluster_distance``, objects of fewer than ``min_cluster_points`` points left out), the camera masks
+    (view-major, at the input image size, in the view's frame) and per view the region of its input image the
+    model saw."""
     stamp = conversions.nanoseconds_to_stamp(latest.stamp_ns)
 
     def header(view: int) -> Header:
@@ -205,6 +262,16 @@ def fill_query_response(response: TextQuery.Response, latest: LatestReconstructi
     response.scores = answer.scores(threshold).tolist()
     response.max_probabilities = answer.max_probabilities().tolist()
     response.max_similarities = answer.max_similarities().tolist()
+    answer_3d = query3d.answer_3d(latest.result, answer, threshold, cluster_distance, min_cluster_points)
+    response.clouds = [phrase_cloud(points, header(0)) for points in answer_3d.points]
+    response.detections = Detection3DArray(header=header(0), detections=[
+        detection_msg(detection, p, rank, header(0))
+        for p, detections in enumerate(answer_3d.detections) for rank, detection in enumerate(detections)])
+    response.camera_masks = [conversions.mask_to_image_msg(view_masks[p], header(view))
+                             for view_masks, view in zip(answer_3d.camera_masks, answer.views)
+                             for p in range(len(answer.phrases))]
+    response.camera_regions = [RegionOfInterest(x_offset=x, y_offset=y, width=width, height=height, do_rectify=False)
+                               for x, y, width, height in answer_3d.camera_regions]
     response.stamp = stamp
     response.left_frame_id, response.right_frame_id = latest.left_frame, latest.right_frame
     response.success = True
