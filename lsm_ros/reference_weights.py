@@ -15,6 +15,7 @@ import logging
 import os
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -80,8 +81,11 @@ def read_manifest(reference_dir: Path) -> list[tuple[str, tuple[int, ...], str, 
 
 
 def generate_reference_state_dict(reference_dir: Path, prefixes: Iterable[str] = ('',),
-                                  progress: bool = True) -> 'OrderedDict[str, torch.Tensor]':
-    """The LSM checkpoint's state dict entries whose names start with one of ``prefixes`` (LSM key names)."""
+                                  progress: bool = True, workers: int = 1) -> 'OrderedDict[str, torch.Tensor]':
+    """The LSM checkpoint's state dict entries whose names start with one of ``prefixes`` (LSM key names).
+
+    ``workers`` > 1 generates the tensors in a thread pool (torch releases the GIL; each tensor comes from its own
+    seeded generator, so the values do not depend on it): several times faster on a many-core host."""
     config = json.loads((reference_dir / 'config.json').read_text())
     if config.get('weight_rule') != WEIGHT_RULE:
         raise ValueError(f'{reference_dir}: weight rule {config.get("weight_rule")!r}, expected {WEIGHT_RULE}')
@@ -89,27 +93,38 @@ def generate_reference_state_dict(reference_dir: Path, prefixes: Iterable[str] =
     gains = config.get('weight_rule_gains', {})
     prefixes = tuple(prefixes)
     rows = [r for r in read_manifest(reference_dir) if r[0].startswith(prefixes)]
-    state = OrderedDict()
-    for name, shape, dtype_name, alias_of in tqdm(rows, desc='reference weights', unit='tensor',
-                                                  disable=not progress, leave=False):
-        if alias_of:  # the same parameter registered under a second name
-            state[name] = state[alias_of] if alias_of in state else reference_tensor(
-                alias_of, shape, getattr(torch, dtype_name), base_seed, gains.get(alias_of))
-        else:
-            state[name] = reference_tensor(name, shape, getattr(torch, dtype_name), base_seed, gains.get(name))
-    return state
+    canonical = [row for row in rows if not row[3]]
+    missing_targets = {alias: row for row in rows if (alias := row[3]) and not any(r[0] == alias for r in canonical)}
+
+    def generate(row: tuple[str, tuple[int, ...], str, str]) -> torch.Tensor:
+        name, shape, dtype_name, _ = row
+        return reference_tensor(name, shape, getattr(torch, dtype_name), base_seed, gains.get(name))
+
+    # an alias whose target lies outside ``prefixes``: computed under the target's name, once
+    jobs = canonical + [(alias, row[1], row[2], '') for alias, row in missing_targets.items()]
+    bar = tqdm(total=len(jobs), desc='reference weights', unit='tensor', disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        values = {}
+        for job, value in zip(jobs, pool.map(generate, jobs)):
+            values[job[0]] = value
+            bar.update()
+    bar.close()
+    # the same parameter registered under a second name gets the very tensor of its first name
+    return OrderedDict((name, values[alias or name]) for name, _, _, alias in rows)
 
 
-def reference_checkpoints(reference_dir: Path | None = None, progress: bool = True) -> dict[str, dict]:
+def reference_checkpoints(reference_dir: Path | None = None, progress: bool = True,
+                          workers: int = 1) -> dict[str, dict]:
     """The reference weights as the three official files hold them, in memory: ``{'dust3r': ..., 'lseg': ...,
     'lsm': ...}`` for :meth:`LargeSpatialModel.from_official_checkpoints`. The LSM entry carries only the
-    LSM-own weights (the official loader ignores its DUSt3R and LSeg copies)."""
+    LSM-own weights (the official loader ignores its DUSt3R and LSeg copies). ``workers``: threads generating the
+    tensors (:func:`generate_reference_state_dict`)."""
     reference_dir = reference_dir or find_reference_dir()
     if reference_dir is None:
         raise FileNotFoundError('reference folder not found (../shared/reference/lsm_vitl_256 or $LSM_ROS_REFERENCE)')
     config = json.loads((reference_dir / 'config.json').read_text())
     _log.info('generating the reference LSM weights (rule %s, untrained) from %s', WEIGHT_RULE, reference_dir)
-    state = generate_reference_state_dict(reference_dir, progress=progress)
+    state = generate_reference_state_dict(reference_dir, progress=progress, workers=workers)
     dust3r = OrderedDict((k[len(DUST3R_PREFIX):], v) for k, v in state.items() if k.startswith(DUST3R_PREFIX))
     lseg = OrderedDict(('net.' + k[len(LSEG_PREFIX):], v) for k, v in state.items() if k.startswith(LSEG_PREFIX))
     own = OrderedDict((k, v) for k, v in state.items() if not k.startswith((DUST3R_PREFIX, LSEG_PREFIX)))

@@ -112,6 +112,18 @@ def official_dust3r_checkpoint(net: Any, model_string: str, **args: Any) -> dict
     return {'args': argparse.Namespace(model=model_string, **args), 'model': state}
 
 
+def write_small_dust3r_file(path: Path, model_string: str = SMALL_DUST3R_STRING, seed: int = 0) -> Path:
+    """A small random DUSt3R (seeded) saved at ``path`` in the official file layout; returns ``path``."""
+    import torch
+
+    from lsm_ros.model import Dust3rConfig, Dust3rNet
+    from lsm_ros.model.checkpoint import parse_constructor_string
+    torch.manual_seed(seed)
+    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(model_string)[1]))
+    torch.save(official_dust3r_checkpoint(net, model_string), path)
+    return path
+
+
 @pytest.fixture(scope='session')
 def shared_dir() -> Path:
     """The project's shared folder: $LSM_ROS_SHARED, else <repo>/../shared."""

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO_ROOT, SMALL_DUST3R_STRING, official_dust3r_checkpoint, wait_until
+from conftest import REPO_ROOT, wait_until, write_small_dust3r_file
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -171,15 +171,7 @@ def test_installed_cli_runs(workspace: Workspace) -> None:
 @pytest.fixture(scope='module')
 def dust3r_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random DUSt3R in the official file layout (the installed node loads it)."""
-    import torch
-
-    from lsm_ros.model import Dust3rConfig, Dust3rNet
-    from lsm_ros.model.checkpoint import parse_constructor_string
-    torch.manual_seed(0)
-    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_DUST3R_STRING)[1]))
-    path = tmp_path_factory.mktemp('weights') / 'small_dust3r.pth'
-    torch.save(official_dust3r_checkpoint(net, SMALL_DUST3R_STRING), path)
-    return path
+    return write_small_dust3r_file(tmp_path_factory.mktemp('weights') / 'small_dust3r.pth')
 
 
 @pytest.fixture

@@ -18,9 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import REPO_ROOT, official_dust3r_checkpoint, wait_until
+from conftest import REPO_ROOT, wait_until, write_small_dust3r_file
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,13 +35,7 @@ START_TIMEOUT_S = 150.0   # process start, model load and the warm-up forward on
 @pytest.fixture(scope='module')
 def dust3r_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An official-layout DUSt3R checkpoint ({'args': Namespace(model=...), 'model': official state dict})."""
-    from lsm_ros.model import Dust3rConfig, Dust3rNet
-    from lsm_ros.model.checkpoint import parse_constructor_string
-    torch.manual_seed(0)
-    net = Dust3rNet(Dust3rConfig.from_constructor_kwargs(parse_constructor_string(SMALL_DUST3R)[1]))
-    path = tmp_path_factory.mktemp('weights') / 'small_dust3r.pth'
-    torch.save(official_dust3r_checkpoint(net, SMALL_DUST3R), path)
-    return path
+    return write_small_dust3r_file(tmp_path_factory.mktemp('weights') / 'small_dust3r.pth', SMALL_DUST3R)
 
 
 def _start_node(*parameters: str, weights_dir: Path | None = None) -> subprocess.Popen[str]:

@@ -24,14 +24,11 @@ The reference weights (1.1 G values, rule lsmref-v1) are generated on the CPU in
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -39,8 +36,7 @@ import torch
 
 from lsm_ros.model.layers import autocast
 from lsm_ros.model.lsm import LargeSpatialModel, merge_points
-from lsm_ros.reference_weights import (DUST3R_PREFIX, LSEG_PREFIX, WEIGHT_RULE, find_reference_dir, read_manifest,
-                                       reference_tensor)
+from lsm_ros.reference_weights import find_reference_dir, reference_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -115,33 +111,10 @@ def reference() -> Reference:
     return Reference(REFERENCE)
 
 
-def _reference_checkpoints_in_threads(directory) -> dict[str, dict]:
-    """The three official checkpoints of the reference weights in memory, as :func:`reference_checkpoints` makes
-    them, with the tensors generated in a thread pool (torch releases the GIL; each tensor comes from its own
-    seeded generator, so the values are the same): several times faster on a many-core host."""
-    rows = read_manifest(directory)
-    config = json.loads((directory / 'config.json').read_text())
-    if config.get('weight_rule') != WEIGHT_RULE:
-        raise ValueError(f'{directory}: weight rule {config.get("weight_rule")!r}, expected {WEIGHT_RULE}')
-    seed, gains = int(config['base_seed']), config.get('weight_rule_gains', {})
-    canonical = [row for row in rows if not row[3]]
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        values = dict(zip((row[0] for row in canonical), pool.map(
-            lambda row: reference_tensor(row[0], row[1], getattr(torch, row[2]), seed, gains.get(row[0])),
-            canonical)))
-    state = OrderedDict((name, values[alias or name]) for name, _, _, alias in rows)
-    dust3r = OrderedDict((k[len(DUST3R_PREFIX):], v) for k, v in state.items() if k.startswith(DUST3R_PREFIX))
-    lseg = OrderedDict(('net.' + k[len(LSEG_PREFIX):], v) for k, v in state.items() if k.startswith(LSEG_PREFIX))
-    own = OrderedDict((k, v) for k, v in state.items() if not k.startswith((DUST3R_PREFIX, LSEG_PREFIX)))
-    return dict(dust3r={'args': argparse.Namespace(model=config['dust3r_model']), 'model': dust3r},
-                lseg={'state_dict': lseg},
-                lsm={'args': argparse.Namespace(model=f"LSM_Dust3R(config={config['lsm_config']!r})"), 'model': own})
-
-
 @pytest.fixture(scope='module')
 def model(reference: Reference) -> Iterator[LargeSpatialModel]:
     start = time.perf_counter()
-    checkpoints = _reference_checkpoints_in_threads(reference.directory)
+    checkpoints = reference_checkpoints(reference.directory, progress=False, workers=min(16, os.cpu_count() or 1))
     generated = time.perf_counter()
     loaded = LargeSpatialModel.from_official_checkpoints(**checkpoints, device='cuda')
     del checkpoints

@@ -43,3 +43,18 @@ def test_reference_checkpoints_have_the_official_layouts(monkeypatch):
     assert LsmConfig.from_official(config) == LsmConfig()  # the released configuration
     assert not any(k.startswith(('dust3r', 'lseg_feature_extractor')) for k in files['lsm']['model'])
     assert 'gaussian_head.gaussian_proj.weight' in files['lsm']['model']
+
+
+def test_threads_give_the_same_tensors_and_aliases_share_their_target():
+    """workers > 1 (the CUDA parity test's fast path) generates the very same values; an alias whose target lies
+    outside the prefixes gets the target's tensor."""
+    prefixes = ('point_transformer.embedding', 'dust3r.dust3r.downstream_head1.dpt.scratch.layer_rn')
+    serial = reference_weights.generate_reference_state_dict(REFERENCE, prefixes, progress=False)
+    threaded = reference_weights.generate_reference_state_dict(REFERENCE, prefixes, progress=False, workers=4)
+    assert list(serial) == list(threaded) and len(serial) >= 5
+    for name, value in serial.items():
+        assert torch.equal(value, threaded[name]), name
+    alias = 'dust3r.dust3r.downstream_head1.dpt.scratch.layer_rn.0.weight'
+    target = reference_weights.generate_reference_state_dict(
+        REFERENCE, ('dust3r.dust3r.downstream_head1.dpt.scratch.layer1_rn.weight',), progress=False)
+    assert torch.equal(threaded[alias], next(iter(target.values())))
