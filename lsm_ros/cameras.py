@@ -872,14 +872,12 @@ def estimate_stereo_rig_scale(pts3d_2_in_1: Any, conf_2: Any, K_2: Any, baseline
                             min_inlier_fraction=min_inlier_fraction).to_numpy()
 
 
-def is_rectified_stereo_rig(K_left: Any, K_right: Any, P_right: Any, R_left: Any = None, R_right: Any = None,
-                            tolerance: float = 1e-6) -> bool:
+def is_rectified_stereo_rig(K_left: Any, K_right: Any, P_right: Any, tolerance: float = 1e-6) -> bool:
     """True when two CameraInfo calibrations describe a rectified stereo rig whose right camera sits at
     ``(B, 0, 0)`` in the left frame: the right ``P`` (3,4) has ``P[0, 3] = -fx B`` with B > 0 and no other
     translation (``P[1, 3] = P[2, 3] = 0``), and both rectified intrinsics (the ``P[:3, :3]`` the images are
-    rectified to, ``K_left``/``K_right``) agree. ``R_left``/``R_right`` (rectification rotations) are not needed:
+    rectified to, ``K_left``/``K_right``) agree. The rectification rotations (CameraInfo ``R``) are not needed:
     they map the raw cameras to the rectified ones the images already are in."""
-    del R_left, R_right  # rectified images: the rectification rotations are already applied
     try:
         P = np.asarray(P_right, dtype=np.float64).reshape(3, 4)
         K_l = np.asarray(K_left, dtype=np.float64).reshape(3, 3)

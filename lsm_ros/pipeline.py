@@ -163,15 +163,6 @@ class GaussianCloud:
     sh: np.ndarray           # (N,16,3) float32 degree-3 SH colour coefficients (DC first), RGB last
     features: np.ndarray     # (N,64) float32 semantic feature (decoded against text with Reconstructor.query)
 
-    @classmethod
-    def from_model_output(cls, gaussians: Mapping[str, torch.Tensor], scale: float = 1.0) -> 'GaussianCloud':
-        """From :meth:`LargeSpatialModel.gaussians` (batch 1), lengths multiplied by ``scale``."""
-        def array(key: str) -> np.ndarray:
-            return gaussians[key].detach().float().cpu().numpy()
-        return cls(means=array('means') * np.float32(scale), scales=array('scales') * np.float32(scale),
-                   rotations=array('rotations'), opacities=array('opacities'), sh=array('sh'),
-                   features=array('features'))
-
     def __len__(self) -> int:
         return len(self.means)
 
@@ -542,7 +533,7 @@ class Reconstructor:
             intrinsics_source = 'estimated'
         K_2_known = view2.crop.intrinsics_to_model(calibration.K_right) if calibration.K_right is not None else None
         scale, scale_source, pose_source = 1.0, 'none', 'pnp'
-        if calibration.rectified_stereo and calibration.baseline_m is not None and K_2_known is not None:
+        if calibration.rectified_stereo:   # CameraCalibration ensures baseline_m and K_right
             # Calibrated rectified rig: the pose is the calibration's (right camera at (B, 0, 0) m, R = I); only the
             # scale is fitted. If the point map fits no scale (e.g. untrained weights), the pose stays the
             # calibration's with model units taken as metres, and the result is not metric.
@@ -736,25 +727,8 @@ class Reconstructor:
         return tensors
 
 
-def _masked_depth(depth: Any, conf: Any, min_confidence: float) -> Any:
-    """``depth`` (H,W; tensor or array) with NaN where it is not finite, not positive or ``conf`` < min_confidence
-    (a new tensor, or the array changed in place)."""
-    if isinstance(depth, torch.Tensor):
-        conf = torch.as_tensor(conf, device=depth.device)
-        invalid = ~torch.isfinite(depth) | (depth <= 0) | (conf < min_confidence)
-        return depth.masked_fill(invalid, float('nan'))
-    depth[~np.isfinite(depth) | (depth <= 0) | (conf < min_confidence)] = np.nan
-    return depth
-
-
-def estimate_intrinsics(pts3d: np.ndarray) -> np.ndarray:
-    """Pinhole intrinsics of a view from its point map (H,W,3) in its own frame: Weiszfeld focal, principal point
-    at the image centre. The focal is kept within FOCAL_BOUNDS x the 60-degree-FOV focal; a point map with no
-    usable point (untrained weights) gets that reference focal, with a warning."""
-    height, width = pts3d.shape[:2]
-    try:
-        focal = cameras.estimate_focal_weiszfeld(pts3d, min_focal=FOCAL_BOUNDS[0], max_focal=FOCAL_BOUNDS[1])
-    except ValueError as exc:
-        focal = cameras.reference_focal(height, width)
-        _log.warning('focal estimation failed (%s): using the 60-degree-FOV focal %.1f px', exc, focal)
-    return cameras.intrinsics_matrix(focal, focal, width / 2.0, height / 2.0)
+def _masked_depth(depth: torch.Tensor, conf: torch.Tensor, min_confidence: float) -> torch.Tensor:
+    """``depth`` (H,W) with NaN where it is not finite, not positive or ``conf`` < min_confidence (a new tensor,
+    on depth's device)."""
+    invalid = ~torch.isfinite(depth) | (depth <= 0) | (conf < min_confidence)
+    return depth.masked_fill(invalid, float('nan'))

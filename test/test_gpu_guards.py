@@ -20,9 +20,8 @@ blocking copy to the host and an explicit ``torch.cuda`` synchronize count inste
 Stage attribution: the stage methods (``LargeSpatialModel.geometry/semantics/gaussians``, ``Dust3rNet`` encode /
 decode / predict / forward, ``LSegFeatureExtractor.forward``, ``PointTransformerV3LSM.forward``,
 ``GaussianHead.forward``, :func:`merge_points`, :func:`knn_mean_squared_distance`) and every function of
-:mod:`lsm_ros.cameras` and method of its classes (plus ``pipeline.estimate_intrinsics``) are wrapped, within the
-test, with a stage label; the outermost labelled call wins; everything else is 'pipeline' (pre-processing, copies,
-the Reconstruction). The report names the lsm_ros line of every synchronisation.
+:mod:`lsm_ros.cameras` and method of its classes are wrapped, within the test, with a stage label; the outermost
+labelled call wins; everything else is 'pipeline' (pre-processing, copies, the Reconstruction). The report names the lsm_ros line of every synchronisation.
 
 Run ``python test/test_gpu_guards.py`` for the per-stage report alone (no pass/fail).
 """
@@ -129,8 +128,8 @@ def _stage_methods() -> list[tuple[Any, str, str]]:
 
 
 def _camera_functions() -> list[tuple[Any, str, str]]:
-    """(module, name, 'cameras') for every function defined in lsm_ros.cameras (whatever its name) and the
-    pipeline's estimate_intrinsics, wherever lsm_ros modules bound them."""
+    """(module, name, 'cameras') for every function defined in lsm_ros.cameras (whatever its name), wherever
+    lsm_ros modules bound them."""
     from lsm_ros import cameras
     targets = {id(value): value for name, value in vars(cameras).items()
                if inspect.isfunction(value) and value.__module__ == cameras.__name__}
@@ -139,9 +138,6 @@ def _camera_functions() -> list[tuple[Any, str, str]]:
         if isinstance(value, type) and value.__module__ == cameras.__name__:
             entries += [(value, name, 'cameras') for name, member in vars(value).items()
                         if inspect.isfunction(member) and not (name.startswith('__') and name.endswith('__'))]
-    import lsm_ros.pipeline as pipeline
-    if inspect.isfunction(getattr(pipeline, 'estimate_intrinsics', None)):
-        targets[id(pipeline.estimate_intrinsics)] = pipeline.estimate_intrinsics
     for module_name, module in list(sys.modules.items()):
         if module is None or not (module_name == 'lsm_ros' or module_name.startswith('lsm_ros.')):
             continue
