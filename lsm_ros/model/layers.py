@@ -180,9 +180,10 @@ class _TableCache:
     def put(self, tensor: Tensor, extra: tuple, value: Any) -> None:
         if _capturing_or_compiling(tensor):
             return
+        key = self._key(tensor, extra)
         with self._lock:
-            self._entries[self._key(tensor, extra)] = (tensor, tensor._version, value)
-            self._entries.move_to_end(self._key(tensor, extra))
+            self._entries[key] = (tensor, tensor._version, value)
+            self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .layers import Mlp
 from .serialization import MAX_DEPTH, ORDERS, serialization_codes
-from .sparse_conv import NeighbourMap, Voxels, host_ints, neighbour_map, submanifold_conv, voxelise
+from .sparse_conv import NeighbourMap, Voxels, host_ints, neighbour_map, run_ranks, submanifold_conv, voxelise
 
 _log = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ class PointLevel:
             shift = 0
         codes = self.codes >> (3 * shift)
         order = self.orders[0]
-        sorted_codes = codes[0].index_select(0, order)
-        starts = torch.ones_like(sorted_codes, dtype=torch.bool)
-        starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        rank = starts.cumsum(0) - 1
+        rank = run_ranks(codes[0].index_select(0, order))
         cluster = torch.empty_like(rank).scatter_(0, order, rank)
         checks, self.pending_checks = self.pending_checks, []
         fetched = host_ints(rank[-1] + 1, *(flag for flag, _ in checks))

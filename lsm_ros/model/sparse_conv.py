@@ -47,6 +47,14 @@ def host_ints(*values: Tensor) -> list[int]:
     return packed.to(device='cpu', copy=True).tolist()
 
 
+def run_ranks(sorted_values: Tensor) -> Tensor:
+    """(N,) sorted values -> (N,) int64 rank of each value's run of equal values (0, 0, 1, 2, 2, ...); the number
+    of runs is ``ranks[-1] + 1``. No host synchronisation."""
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts.cumsum(0) - 1
+
+
 @dataclass(frozen=True)
 class Voxels:
     """The occupied voxels of N points.
@@ -127,9 +135,7 @@ def voxelise(grid: Tensor, bounds: tuple[Triple, Triple] | None = None, unique: 
         # lexicographic (x, y, z) keys over the bounding box; distinct keys in ascending order are the voxels
         keys = (x - lo[0]) * (extent[1] * extent[2]) + (y - lo[1]) * extent[2] + (z - lo[2])
         sorted_keys, permutation = torch.sort(keys)
-        starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        rank = starts.cumsum(0) - 1
+        rank = run_ranks(sorted_keys)
         point_voxel = torch.empty_like(rank).scatter_(0, permutation, rank)
         num_voxels = rank[-1] + 1
     to_fetch = list(fetch)
