@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import sys
@@ -110,6 +111,18 @@ def official_dust3r_checkpoint(net: Any, model_string: str, **args: Any) -> dict
     state = to_official_state_dict(net.state_dict())
     state['mask_token'] = torch.zeros(1, 1, net.config.dec_embed_dim)
     return {'args': argparse.Namespace(model=model_string, **args), 'model': state}
+
+
+class LogRecords(logging.Handler):
+    """Collects (level name, message) of the records of the logger it is added to, for the tests of the node's
+    parts (they log through a logger they are given)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelname, record.getMessage()))
 
 
 def write_small_dust3r_file(path: Path, model_string: str = SMALL_DUST3R_STRING, seed: int = 0) -> Path:

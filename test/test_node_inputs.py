@@ -11,6 +11,7 @@ import pytest
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
+from conftest import LogRecords
 from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.ros import conversions, names
 from lsm_ros.ros.counters import NodeCounters
@@ -23,15 +24,6 @@ SECOND = 1_000_000_000
 K = np.array([[40.0, 0.0, 16.0], [0.0, 40.0, 12.0], [0.0, 0.0, 1.0]])
 
 
-class Recorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelname, record.getMessage()))
-
-
 @dataclass
 class Harness:
     """StereoInputs with its callables as plain attributes a test can change."""
@@ -41,7 +33,7 @@ class Harness:
     accepting: bool = True
     now_s: float = 100.0                   # the arrival clock (monotonic seconds)
     submitted: list[PreparedPair] = field(default_factory=list)
-    recorder: Recorder = field(default_factory=Recorder)
+    recorder: LogRecords = field(default_factory=LogRecords)
 
     def __post_init__(self) -> None:
         logger = logging.getLogger(f'test_node_inputs.{id(self)}')

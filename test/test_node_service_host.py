@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from conftest import LogRecords
 from lsm_ros.ros import names
 from lsm_ros.ros.counters import NodeCounters
 from lsm_ros.ros.service_host import QUERY, RENDER, ServiceHost
@@ -35,18 +36,9 @@ class FakeNode:
         self.destroyed.append(service)
 
 
-class Logs(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelname, record.getMessage()))
-
-
 @pytest.fixture
-def host() -> tuple[ServiceHost, NodeCounters, FakeNode, dict[str, Any], Logs]:
-    logs = Logs()
+def host() -> tuple[ServiceHost, NodeCounters, FakeNode, dict[str, Any], LogRecords]:
+    logs = LogRecords()
     logger = logging.getLogger(f'test_node_service_host.{id(logs)}')
     logger.addHandler(logs)
     logger.propagate = False

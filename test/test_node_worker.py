@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LogRecords
 from lsm_ros.config import NodeConfig, PipelineConfig
 from lsm_ros.ros import names
 from lsm_ros.ros.counters import NodeCounters
@@ -41,15 +42,6 @@ class FakeReconstructor:
         return f'result {stamp}'
 
 
-class Logs(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelname, record.getMessage()))
-
-
 def pair(stamp: int) -> PreparedPair:
     rgb = np.full((4, 4, 3), stamp, dtype=np.uint8)
     return PreparedPair(stamp_ns=stamp, left_rgb=rgb, right_rgb=rgb, calibration=None, left_frame='l',
@@ -58,8 +50,8 @@ def pair(stamp: int) -> PreparedPair:
 
 
 def make(reconstructor: FakeReconstructor, active: bool = True) -> tuple[InferenceWorker, NodeCounters, list, list,
-                                                                          Logs]:
-    logs = Logs()
+                                                                          LogRecords]:
+    logs = LogRecords()
     logger = logging.getLogger(f'test_node_worker.{id(logs)}')
     logger.addHandler(logs)
     logger.setLevel(logging.INFO)
