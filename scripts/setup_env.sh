@@ -81,86 +81,60 @@ build_interfaces() {  # name src_dir [extra cmake args...]
   cmake --install "$bdir" >"$bdir/install.log" 2>&1 || { tail -40 "$bdir/install.log"; exit 1; }
 }
 
-# tf2_msgs: not on PyPI. Generated from its message definition (same text as upstream, so same type hash).
-TF2_SRC=$BUILD/src/tf2_msgs
-mkdir -p "$TF2_SRC/msg"
-cat >"$TF2_SRC/msg/TFMessage.msg" <<'EOF'
-geometry_msgs/TransformStamped[] transforms
-EOF
-cat >"$TF2_SRC/package.xml" <<'EOF'
+# A message package that is not on PyPI, generated locally from its .msg files: package.xml and CMakeLists.txt
+# written here, built when its inputs changed. The .msg texts are upstream's, so the type hashes are upstream's.
+local_interfaces() {  # name version license description msg_dir dependency...
+  local name=$1 version=$2 license=$3 description=$4 msgs=$5; shift 5
+  local src=$BUILD/src/$name dep depends='' finds='' key
+  rm -rf "$src/msg"
+  mkdir -p "$src/msg"
+  cp "$msgs"/*.msg "$src/msg/"
+  for dep in "$@"; do
+    depends+="  <depend>$dep</depend>"$'\n'
+    finds+="find_package($dep REQUIRED)"$'\n'
+  done
+  cat >"$src/package.xml" <<XML
 <?xml version="1.0"?>
 <package format="3">
-  <name>tf2_msgs</name>
-  <version>0.0.0</version>
-  <description>tf2_msgs/TFMessage, generated locally for pip-only ROS 2 environments.</description>
+  <name>$name</name>
+  <version>$version</version>
+  <description>$description, generated locally for pip-only ROS 2 environments.</description>
   <maintainer email="lsm_ros@example.org">lsm_ros</maintainer>
-  <license>BSD-3-Clause</license>
+  <license>$license</license>
   <buildtool_depend>ament_cmake</buildtool_depend>
   <buildtool_depend>rosidl_default_generators</buildtool_depend>
-  <depend>geometry_msgs</depend>
-  <member_of_group>rosidl_interface_packages</member_of_group>
+${depends}  <member_of_group>rosidl_interface_packages</member_of_group>
   <export><build_type>ament_cmake</build_type></export>
 </package>
-EOF
-cat >"$TF2_SRC/CMakeLists.txt" <<'EOF'
+XML
+  cat >"$src/CMakeLists.txt" <<CMAKE
 cmake_minimum_required(VERSION 3.8)
-project(tf2_msgs)
+project($name)
 find_package(ament_cmake REQUIRED)
 find_package(rosidl_default_generators REQUIRED)
-find_package(geometry_msgs REQUIRED)
-rosidl_generate_interfaces(${PROJECT_NAME} "msg/TFMessage.msg" DEPENDENCIES geometry_msgs)
+${finds}file(GLOB MESSAGES RELATIVE \${CMAKE_CURRENT_SOURCE_DIR} msg/*.msg)
+rosidl_generate_interfaces(\${PROJECT_NAME} \${MESSAGES} DEPENDENCIES $*)
 ament_export_dependencies(rosidl_default_runtime)
 ament_package()
-EOF
-TF2_KEY=$(hash_of "$TF2_SRC/msg/TFMessage.msg" "$TF2_SRC/CMakeLists.txt" "$STAMPS/wheels")
-if stamp_ok tf2_msgs "$TF2_KEY" && "$VPY" -c 'import tf2_msgs.msg' 2>/dev/null; then
-  say "tf2_msgs up to date"
-else
-  build_interfaces tf2_msgs "$TF2_SRC"
-  stamp_set tf2_msgs "$TF2_KEY"
-fi
+CMAKE
+  key=$(hash_of "$src"/msg/*.msg "$src/CMakeLists.txt" "$src/package.xml" "$STAMPS/wheels")
+  if stamp_ok "$name" "$key" && "$VPY" -c "import $name.msg" 2>/dev/null; then
+    say "$name up to date"
+  else
+    build_interfaces "$name" "$src"
+    stamp_set "$name" "$key"
+  fi
+}
 
-# vision_msgs: not on PyPI. Generated from the message definitions of its Kilted release, kept verbatim in
-# scripts/vision_msgs/msg (same text as upstream, so same type hashes; provenance: scripts/vision_msgs/README.md).
-VISION_SRC=$BUILD/src/vision_msgs
-rm -rf "$VISION_SRC/msg"
-mkdir -p "$VISION_SRC/msg"
-cp "$ROOT"/scripts/vision_msgs/msg/*.msg "$VISION_SRC/msg/"
-cat >"$VISION_SRC/package.xml" <<'EOF'
-<?xml version="1.0"?>
-<package format="3">
-  <name>vision_msgs</name>
-  <version>4.2.0</version>
-  <description>vision_msgs 4.2.0 (ros-perception/vision_msgs), generated locally for pip-only ROS 2 environments.</description>
-  <maintainer email="lsm_ros@example.org">lsm_ros</maintainer>
-  <license>Apache-2.0</license>
-  <buildtool_depend>ament_cmake</buildtool_depend>
-  <buildtool_depend>rosidl_default_generators</buildtool_depend>
-  <depend>std_msgs</depend>
-  <depend>geometry_msgs</depend>
-  <member_of_group>rosidl_interface_packages</member_of_group>
-  <export><build_type>ament_cmake</build_type></export>
-</package>
-EOF
-cat >"$VISION_SRC/CMakeLists.txt" <<'EOF'
-cmake_minimum_required(VERSION 3.8)
-project(vision_msgs)
-find_package(ament_cmake REQUIRED)
-find_package(rosidl_default_generators REQUIRED)
-find_package(std_msgs REQUIRED)
-find_package(geometry_msgs REQUIRED)
-file(GLOB VISION_MSGS RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} msg/*.msg)
-rosidl_generate_interfaces(${PROJECT_NAME} ${VISION_MSGS} DEPENDENCIES std_msgs geometry_msgs)
-ament_export_dependencies(rosidl_default_runtime)
-ament_package()
-EOF
-VISION_KEY=$(hash_of "$VISION_SRC"/msg/*.msg "$VISION_SRC/CMakeLists.txt" "$VISION_SRC/package.xml" "$STAMPS/wheels")
-if stamp_ok vision_msgs "$VISION_KEY" && "$VPY" -c 'import vision_msgs.msg' 2>/dev/null; then
-  say "vision_msgs up to date"
-else
-  build_interfaces vision_msgs "$VISION_SRC"
-  stamp_set vision_msgs "$VISION_KEY"
-fi
+# tf2_msgs/TFMessage (to publish /tf): its one-line definition, the same text as upstream's.
+TF2_MSGS=$BUILD/src/tf2_msgs_definitions
+mkdir -p "$TF2_MSGS"
+printf '%s\n' 'geometry_msgs/TransformStamped[] transforms' >"$TF2_MSGS/TFMessage.msg"
+local_interfaces tf2_msgs 0.0.0 BSD-3-Clause 'tf2_msgs/TFMessage' "$TF2_MSGS" geometry_msgs
+# vision_msgs: the message definitions of its Kilted release, kept verbatim in scripts/vision_msgs/msg
+# (provenance: scripts/vision_msgs/README.md).
+local_interfaces vision_msgs 4.2.0 Apache-2.0 'vision_msgs 4.2.0 (ros-perception/vision_msgs)' \
+  "$ROOT/scripts/vision_msgs/msg" std_msgs geometry_msgs
 
 # This package's own msg/ and srv/ (the same CMakeLists.txt that colcon uses on a ROS workstation; here
 # only the interfaces are built and the Python package is installed by pip below).
