@@ -425,9 +425,10 @@ def unpack_rgb_float(rgb_float: np.ndarray) -> np.ndarray:
 
 
 def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.ndarray, header: Header,
-                            labels: np.ndarray | None = None) -> PointCloud2:
+                            labels: np.ndarray | None = None, value_field: str = 'confidence') -> PointCloud2:
     """Unordered cloud (height 1) with FLOAT32 fields x y z rgb confidence, point_step 20, little endian; with
     ``labels`` (N,) also a UINT32 ``label`` field at offset 20 (point_step 24), PCL's PointXYZRGBL label.
+    ``value_field``: the name of the fifth field, which carries ``confidence`` (e.g. 'probability' in ~/query).
 
     ``xyz`` (N,3) in ``header.frame_id``, ``rgb`` (N,3) uint8, ``confidence`` (N,), ``labels`` integers in
     [0, 2**32); points must be finite (is_dense is true).
@@ -445,7 +446,7 @@ def pointcloud2_from_points(xyz: np.ndarray, rgb: np.ndarray, confidence: np.nda
     points['rgb'] = pack_rgb_float(rgb)
     points['confidence'] = confidence
     fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
-              for i, name in enumerate(POINT_FIELD_NAMES)]
+              for i, name in enumerate(POINT_FIELD_NAMES[:-1] + (value_field,))]
     point_step = POINT_STEP
     if labels is not None:
         points[LABEL_FIELD_NAME] = labels

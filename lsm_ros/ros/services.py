@@ -45,8 +45,7 @@ MIDWAY_FRAME_SUFFIX = '_midway'  # frame of the 'midway' render view: <left fram
 # The defaults of the ~/query 3-D answer: the node parameters' defaults.
 DEFAULT_QUERY_CLUSTER_DISTANCE: float = NodeConfig.query_cluster_distance
 DEFAULT_QUERY_MIN_CLUSTER_POINTS: int = NodeConfig.query_min_cluster_points
-PROBABILITY_FIELD = 'probability'  # the value field of a ~/query cloud, where ~/points has CONFIDENCE_FIELD
-CONFIDENCE_FIELD = 'confidence'
+PROBABILITY_FIELD = 'probability'  # the value field of a ~/query cloud, where ~/points has 'confidence'
 
 
 class ServiceRefused(ValueError):
@@ -209,13 +208,8 @@ def query_answer(reconstructor: Reconstructor, latest: LatestReconstruction, phr
 def phrase_cloud(points: query3d.PhrasePoints, header: Header) -> PointCloud2:
     """A phrase's points as the ~/points cloud layout (x y z rgb, FLOAT32) with its value field ``probability``
     (the phrase's probability at the point's pixel) in the place of ``confidence``."""
-    msg = conversions.pointcloud2_from_points(points.xyz, points.rgb, points.probability, header)
-    value_fields = [f for f in msg.fields if f.name == CONFIDENCE_FIELD]
-    if len(value_fields) != 1:
-        raise RuntimeError(f'the ~/points layout has no single {CONFIDENCE_FIELD!r} field to carry the probability: '
-                           f'{[f.name for f in msg.fields]}')
-    value_fields[0].name = PROBABILITY_FIELD
-    return msg
+    return conversions.pointcloud2_from_points(points.xyz, points.rgb, points.probability, header,
+                                               value_field=PROBABILITY_FIELD)
 
 
 def detection_msg(detection: query3d.ObjectDetection, phrase_index: int, rank: int, header: Header) -> Detection3D:
